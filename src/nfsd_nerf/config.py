@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -203,14 +203,14 @@ class Config:
 
     prompt: str = ""
     """The text prompt."""
-    field: FieldConfig = field(default_factory=FieldConfig)
-    background: BackgroundConfig = field(default_factory=BackgroundConfig)
-    render: RenderConfig = field(default_factory=RenderConfig)
-    cameras: CameraConfig = field(default_factory=CameraConfig)
-    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
+    background: BackgroundConfig = dataclasses.field(default_factory=BackgroundConfig)
+    render: RenderConfig = dataclasses.field(default_factory=RenderConfig)
+    cameras: CameraConfig = dataclasses.field(default_factory=CameraConfig)
+    guidance: GuidanceConfig = dataclasses.field(default_factory=GuidanceConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
 
 
 # --------------------------------------------------------------------------- conversion

@@ -1,0 +1,38 @@
+"""The trainable scene: field + background + occupancy grid, built from a config."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+
+from .config import Config
+
+
+@dataclass
+class Scene:
+    field: "torch.nn.Module"
+    background: "torch.nn.Module"
+    occupancy: "torch.nn.Module"
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        """Named parts, in the order their state is saved."""
+        return {"field": self.field, "background": self.background, "occupancy": self.occupancy}
+
+
+def build_scene(cfg: Config, device: torch.device | str = "cpu") -> Scene:
+    """Fresh field, background and occupancy grid for ``cfg`` on ``device``."""
+    from .field import Background, NeRFField
+    from .render import OccupancyGrid
+
+    field = NeRFField(**asdict(cfg.field)).to(device)
+    background = Background(
+        kind=cfg.background.kind, color=cfg.background.color, random_solid_prob=cfg.background.random_solid_prob
+    ).to(device)
+    occupancy = OccupancyGrid(
+        bound=cfg.field.bound,
+        resolution=cfg.render.occupancy_resolution,
+        threshold=cfg.render.occupancy_threshold,
+        ema_decay=cfg.render.occupancy_ema_decay,
+    ).to(device)
+    return Scene(field, background, occupancy)

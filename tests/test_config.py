@@ -1,0 +1,65 @@
+"""Typed config: presets, overrides and the errors users see for bad keys and values."""
+
+import pytest
+
+from nfsd_nerf.config import Config, dump_yaml, from_dict, load_config, merge, parse_override, preset_path
+from nfsd_nerf.errors import UserError
+
+
+def test_defaults_are_the_published_ones():
+    cfg = Config()
+    assert (cfg.render.size, cfg.render.batch_size, cfg.train.steps) == (64, 1, 10000)
+    assert (cfg.optim.lr, cfg.optim.background_lr, cfg.optim.betas, cfg.optim.eps) == (0.01, 0.001, (0.9, 0.99), 1e-15)
+    assert (cfg.field.n_levels, cfg.field.log2_hashmap_size, cfg.field.base_resolution) == (16, 19, 16)
+    assert cfg.guidance.method == "nfsd" and cfg.guidance.scale is None
+
+
+def test_overrides_are_parsed_as_yaml_and_nested():
+    assert parse_override("render.size=32") == {"render": {"size": 32}}
+    assert parse_override("guidance.negative_prompt=ugly, blurry") == {"guidance": {"negative_prompt": "ugly, blurry"}}
+    cfg = load_config(None, ["render.size=32", "cameras.fovy_range=[30, 60]", "guidance.scale=20"])
+    assert cfg.render.size == 32 and cfg.cameras.fovy_range == (30.0, 60.0) and cfg.guidance.scale == 20.0
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("render.sise=32", "render.sise"),
+        ("nothing.size=1", "nothing"),
+        ("render.size=big", "render.size"),
+        ("render.size=3.5", "render.size"),
+        ("guidance.method=vsd", "guidance.method"),
+        ("train.device=tpu", "train.device"),
+        ("cameras.fovy_range=[1, 2, 3]", "cameras.fovy_range"),
+        ("guidance.offline=maybe", "guidance.offline"),
+        ("render=3", "render"),
+        ("size", "section.key=value"),
+    ],
+)
+def test_bad_keys_and_values_name_the_key(override, message):
+    with pytest.raises(UserError, match=message.replace(".", r"\.")):
+        load_config(None, [override])
+
+
+def test_yaml_round_trip_is_exact(tmp_path):
+    cfg = load_config(preset_path("default"), ["guidance.scale=7.5", "cameras.elevation_range=[0, 30]"])
+    again = from_dict(__import__("yaml").safe_load(dump_yaml(cfg)))
+    assert again == cfg
+
+
+def test_presets_load_and_unknown_preset_is_refused(tmp_path):
+    for name in ("default", "builtin", "cpu-tiny"):
+        load_config(preset_path(name))
+    with pytest.raises(UserError, match="unknown preset"):
+        preset_path("nope")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("render: [1, 2]\n")
+    with pytest.raises(UserError, match="render"):
+        load_config(bad)
+    with pytest.raises(UserError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_merge_keeps_untouched_defaults():
+    cfg = merge(Config(), {"render": {"size": 16}})
+    assert cfg.render.size == 16 and cfg.render.n_samples == Config().render.n_samples

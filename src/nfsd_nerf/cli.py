@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -28,8 +28,8 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def main(
-    version: Optional[bool] = typer.Option(
-        None, "--version", callback=_version_callback, is_eager=True, help="Show the version and exit."
+    version: bool = typer.Option(
+        False, "--version", callback=_version_callback, is_eager=True, help="Show the version and exit."
     ),
 ) -> None:
     """nfsd-nerf: text-to-3D with Noise-Free Score Distillation."""
@@ -39,3 +39,107 @@ def fail(message: str) -> None:
     """Print a one-line error and exit with code 2."""
     typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
+
+
+def _run(action):
+    """Run a command body: user errors become one line + exit 2, Ctrl-C exits 130 quietly."""
+    try:
+        return action()
+    except UserError as exc:
+        fail(str(exc))
+    except KeyboardInterrupt:
+        typer.secho("interrupted", fg=typer.colors.YELLOW, err=True)
+        raise typer.Exit(code=130)
+
+
+@app.command()
+def train(
+    prompt: Optional[str] = typer.Argument(None, help='Text prompt, e.g. "a DSLR photo of a hamburger".'),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (wins over the preset --model picks)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override any key: --set render.size=32 (repeatable)."),
+    steps: Optional[int] = typer.Option(None, help="Optimization steps (with --resume: the new total)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed."),
+    model: Optional[str] = typer.Option(None, help='Hugging Face id, local diffusers folder, or "builtin" (offline prior).'),
+    revision: Optional[str] = typer.Option(None, help="Hub revision of --model (branch, tag or commit)."),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network (HF_HUB_OFFLINE=1 does the same)."),
+    guidance: Optional[str] = typer.Option(None, help="Score-distillation rule: nfsd (default) or sds."),
+    scale: Optional[float] = typer.Option(None, help="Guidance scale; unset: the rule's default (NFSD 7.5, SDS 100)."),
+    negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt (NFSD default: the paper's)."),
+    size: Optional[int] = typer.Option(None, help="Training render resolution in pixels."),
+    out: Path = typer.Option(Path("outputs"), help="Parent folder of the run folder."),
+    device: Optional[str] = typer.Option(None, help="auto, cuda, mps or cpu."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder (no prompt needed)."),
+) -> None:
+    """Optimize a NeRF from a text prompt with NFSD (or SDS)."""
+
+    def body():
+        from rich.console import Console
+
+        from .checkpoint import LATEST, read_checkpoint
+        from .config import BUILTIN_MODEL, load_config, merge, preset_path
+        from .train import Interrupted, run_training
+
+        flags = {
+            "train.steps": steps, "train.seed": seed, "train.device": device, "guidance.model": model,
+            "guidance.revision": revision, "guidance.method": guidance, "guidance.scale": scale,
+            "guidance.negative_prompt": negative_prompt, "render.size": size,
+        }
+        if offline:
+            flags["guidance.offline"] = True
+        if guidance is not None and guidance not in ("nfsd", "sds"):
+            raise UserError(f"--guidance {guidance!r}: expected nfsd or sds")
+
+        ckpt = None
+        if resume is not None:
+            if prompt is not None or config is not None:
+                raise UserError("--resume continues a run with its own prompt and config: drop the prompt and --config")
+            if not resume.is_dir():
+                raise UserError(f"resume folder not found: {resume}")
+            ckpt = read_checkpoint(resume / "checkpoints" / LATEST)
+            cfg = ckpt.config
+            allowed = {"train.steps", "train.device"}
+            changed = [k for k, v in flags.items() if v is not None and k not in allowed]
+            if changed:
+                raise UserError(f"--resume can only change --steps and --device (got {', '.join(changed)})")
+        else:
+            if prompt is None or not prompt.strip():
+                raise UserError('the prompt is empty: give a text prompt, e.g. nfsd-nerf train "a red cube" --model builtin')
+            if config is None:
+                config_path = preset_path("builtin" if model == BUILTIN_MODEL else "default")
+            else:
+                config_path = config
+            cfg = load_config(config_path, overrides)
+            cfg = merge(cfg, {"prompt": prompt})
+        for key, value in flags.items():
+            if value is not None:
+                section, name = key.split(".")
+                cfg = merge(cfg, {section: {name: value}})
+
+        console = Console()
+        try:
+            result = run_training(cfg, out=out, resume=ckpt, run_dir=resume, console=console)
+        except Interrupted as stop:
+            run_dir = stop.checkpoint.parent.parent
+            console.print(f"\n[yellow]interrupted[/]: saved {stop.checkpoint}")
+            console.print(f"resume with: [bold]nfsd-nerf train --resume {run_dir}[/]")
+            raise typer.Exit(code=130)
+        _print_summary(console, result.run_dir, result.summary)
+
+    _run(body)
+
+
+def _print_summary(console, run_dir: Path, summary: dict) -> None:
+    console.print(
+        f"done: {summary['steps']} steps of {summary['guidance'].upper()} (scale {summary['scale']:g}) "
+        f"in {summary['wall_time_s']:.1f} s ({summary['seconds_per_step']:.3f} s/step) on {summary['device']}"
+    )
+    if summary.get("eval"):
+        e = summary["eval"]
+        console.print(
+            f"against the true object: PSNR {e['psnr']:.2f} dB, masked PSNR {e['psnr_masked']:.2f} dB, "
+            f"silhouette IoU {e['silhouette_iou']:.3f}"
+        )
+    console.print(f"run folder: [bold]{run_dir}[/]")
+    console.print("next:")
+    console.print(f"  nfsd-nerf export {run_dir} --format glb")
+    console.print(f"  nfsd-nerf render-video {run_dir} --size 256 --frames 60")

@@ -1,0 +1,140 @@
+"""End-to-end training through the command line: run folders, resume, Ctrl-C, divergence."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from nfsd_nerf.cli import app
+
+runner = CliRunner()
+
+# Small but real settings: 8 hash levels, 32x32 renders, few samples per ray.
+FAST = [
+    "--set", "field.n_levels=4", "--set", "field.log2_hashmap_size=12", "--set", "field.hidden_dim=16",
+    "--set", "render.n_samples=24", "--set", "render.occupancy_update_every=2",
+    "--set", "render.occupancy_resolution=16",
+]
+
+
+def only_run(out: Path) -> Path:
+    runs = [p for p in out.iterdir() if p.is_dir()]
+    assert len(runs) == 1, runs
+    return runs[0]
+
+
+def test_tiny_stable_diffusion_run_folder(tiny_sd_path, tmp_path):
+    out = tmp_path / "outputs"
+    result = runner.invoke(app, [
+        "train", "a DSLR photo of a hamburger", "--model", str(tiny_sd_path), "--offline",
+        "--config", "configs/cpu-tiny.yaml", "--steps", "4", "--size", "32", "--out", str(out),
+        "--set", "train.preview_every=2", "--set", "train.log_every=1", "--set", "render.ambient_only_steps=2", *FAST,
+    ])
+    assert result.exit_code == 0, result.output
+    run = only_run(out)
+    assert run.name.startswith("a-dslr-photo-of-a-hamburger-")
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["guidance"]["scale"] == 7.5 and cfg["guidance"]["method"] == "nfsd"  # resolved rule default
+    assert cfg["guidance"]["negative_prompt"].startswith("unrealistic, blurry")
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"latest.safetensors", "final.safetensors"}
+    assert sorted(p.name for p in (run / "previews").iterdir()) == ["step000002.png", "step000004.png"]
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4]
+    assert {"loss", "loss_guidance", "t", "grad_norm", "seconds_per_step"} <= set(lines[0])
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["scale"] == 7.5 and summary["guidance"] == "nfsd"
+    assert summary["model"]["id"] and summary["device"] == "cpu" and "torch" in summary["versions"]
+    assert f"nfsd-nerf export {run}" in result.output
+
+
+def test_sds_scale_defaults_to_100(tiny_sd_path, tmp_path):
+    out = tmp_path / "outputs"
+    result = runner.invoke(app, [
+        "train", "a hamburger", "--model", str(tiny_sd_path), "--offline", "--guidance", "sds",
+        "--config", "configs/cpu-tiny.yaml", "--steps", "1", "--size", "32", "--out", str(out), *FAST,
+    ])
+    assert result.exit_code == 0, result.output
+    assert json.loads((only_run(out) / "summary.json").read_text())["scale"] == 100.0
+
+
+def builtin_args(out, steps):
+    return ["train", "a red cube", "--model", "builtin", "--steps", str(steps), "--out", str(out),
+            "--set", "train.preview_every=0", "--set", "train.log_every=1", *FAST]
+
+
+def test_resume_is_bitwise_identical_to_an_uninterrupted_run(tmp_path):
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert runner.invoke(app, builtin_args(straight, 6)).exit_code == 0
+    assert runner.invoke(app, builtin_args(split, 3)).exit_code == 0
+    run = only_run(split)
+    result = runner.invoke(app, ["train", "--resume", str(run), "--steps", "6"])
+    assert result.exit_code == 0, result.output
+    a = load_file(only_run(straight) / "checkpoints" / "final.safetensors")
+    b = load_file(run / "checkpoints" / "final.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_refuses_a_finished_run_and_changed_settings(tmp_path):
+    assert runner.invoke(app, builtin_args(tmp_path, 2)).exit_code == 0
+    run = only_run(tmp_path)
+    result = runner.invoke(app, ["train", "--resume", str(run)])
+    assert result.exit_code == 2 and "already ran 2 steps" in result.output
+    result = runner.invoke(app, ["train", "--resume", str(run), "--guidance", "sds"])
+    assert result.exit_code == 2 and "--resume can only change" in result.output
+
+
+def test_truncated_checkpoint_is_refused(tmp_path):
+    assert runner.invoke(app, builtin_args(tmp_path, 1)).exit_code == 0
+    run = only_run(tmp_path)
+    latest = run / "checkpoints" / "latest.safetensors"
+    latest.write_bytes(latest.read_bytes()[:1000])
+    result = runner.invoke(app, ["train", "--resume", str(run), "--steps", "3"])
+    assert result.exit_code == 2 and "truncated" in result.output and "Traceback" not in result.output
+
+
+def test_non_finite_steps_are_skipped_then_training_stops(tmp_path):
+    result = runner.invoke(app, [*builtin_args(tmp_path, 40), "--scale", "nan"])
+    assert result.exit_code == 2, result.output
+    assert "20 consecutive steps" in result.output
+    run = only_run(tmp_path)
+    ckpt = load_file(run / "checkpoints" / "latest.safetensors")
+    assert all(torch.isfinite(v).all() for k, v in ckpt.items() if v.is_floating_point())
+
+
+def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
+    exe = Path(sys.executable).parent / "nfsd-nerf"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([str(exe), *builtin_args(tmp_path, 100000)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env)
+    deadline = time.time() + 120
+    metrics = None
+    while time.time() < deadline:
+        runs = [p for p in tmp_path.iterdir() if p.is_dir()]
+        if runs and (runs[0] / "metrics.jsonl").exists() and (runs[0] / "metrics.jsonl").read_text().count("\n") >= 3:
+            metrics = runs[0] / "metrics.jsonl"
+            break
+        time.sleep(0.2)
+    assert metrics is not None, "training never started"
+    proc.send_signal(signal.SIGINT)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 130, output
+    assert "resume with: nfsd-nerf train --resume" in output and "Traceback" not in output
+    run = metrics.parent
+    step = int(json.loads((run / "checkpoints" / "latest.safetensors").read_bytes()[8:][: int.from_bytes((run / "checkpoints" / "latest.safetensors").read_bytes()[:8], "little")])["__metadata__"]["step"])
+    assert step >= 3
+    result = runner.invoke(app, ["train", "--resume", str(run), "--steps", str(step + 2)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "summary.json").read_text())["steps"] == step + 2

@@ -26,6 +26,8 @@ from .cameras import generate_rays, orbit_cameras, sample_training_cameras
 from .checkpoint import FINAL, LATEST, Checkpoint, restore_optimizer, restore_scene, save_checkpoint
 from .config import BUILTIN_MODEL, Config, dump_yaml
 from .errors import UserError
+from .guidance.prompts import view_dependent_prompts
+from .profiling import stage
 from .scene import Scene, build_scene
 
 MAX_CONSECUTIVE_SKIPS = 20
@@ -154,6 +156,7 @@ class StepResult:
     terms: dict[str, float]
     t: list[int]
     grad_norm: float
+    param_grad_norm: float
     skipped: bool
     shading: str
 
@@ -218,50 +221,50 @@ class Trainer:
         scene.field.train()
 
         # 1. Random cameras (with each view's azimuth/elevation for the prompts) and a shading mode
-        c = cfg.cameras
-        cameras = sample_training_cameras(
-            b,
-            generator=gen,
-            distance_range=c.distance_range,
-            fovy_range_deg=c.fovy_range,
-            elevation_range_deg=c.elevation_range,
-            position_perturb=c.position_perturb,
-            center_perturb=c.center_perturb,
-            up_perturb=c.up_perturb,
-            light_distance_range=c.light_distance_range,
-            device=self.device,
-        )
-        shading = choose_shading(step, cfg, gen)
-        background_rgb = None
-        if cfg.background.random_solid_prob > 0 and float(torch.rand((), generator=gen)) < cfg.background.random_solid_prob:
-            background_rgb = torch.rand(1, 3, generator=gen).to(self.device).expand(b * size * size, 3)
+        with stage("cameras"):
+            c = cfg.cameras
+            cameras = sample_training_cameras(
+                b,
+                generator=gen,
+                distance_range=c.distance_range,
+                fovy_range_deg=c.fovy_range,
+                elevation_range_deg=c.elevation_range,
+                position_perturb=c.position_perturb,
+                center_perturb=c.center_perturb,
+                up_perturb=c.up_perturb,
+                light_distance_range=c.light_distance_range,
+                device=self.device,
+            )
+            shading = choose_shading(step, cfg, gen)
+            background_rgb = None
+            if cfg.background.random_solid_prob > 0 and float(torch.rand((), generator=gen)) < cfg.background.random_solid_prob:
+                background_rgb = torch.rand(1, 3, generator=gen).to(self.device).expand(b * size * size, 3)
+            rays_o, rays_d = generate_rays(cameras, size, size)
+            lights = cameras.light_positions[:, None, :].expand(b, size * size, 3).reshape(-1, 3)
 
-        # 2. Rays -> occupancy-skipping marcher -> field -> volume rendering with shading
-        rays_o, rays_d = generate_rays(cameras, size, size)
-        lights = cameras.light_positions[:, None, :].expand(b, size * size, 3).reshape(-1, 3)
+        # 2. Occupancy-skipping marcher -> field -> shading -> volume rendering
         w_orient = orientation_weight(step, cfg)
         need_normals = w_orient > 0 or shading != "albedo"
-        out = render_rays(
-            scene.field,
-            scene.background,
-            rays_o.reshape(-1, 3),
-            rays_d.reshape(-1, 3),
-            occupancy=scene.occupancy,
-            n_samples=cfg.render.n_samples,
-            shading=shading,
-            light_positions=lights,
-            ambient=cfg.render.ambient,
-            need_normals=need_normals,
-            stratified=True,
-            background_rgb=background_rgb,
-            generator=gen,
-        )
-        image = out.rgb.reshape(b, size, size, 3).permute(0, 3, 1, 2)  # [B, 3, H, W]
+        with stage("render"):
+            out = render_rays(
+                scene.field,
+                scene.background,
+                rays_o.reshape(-1, 3),
+                rays_d.reshape(-1, 3),
+                occupancy=scene.occupancy,
+                n_samples=cfg.render.n_samples,
+                shading=shading,
+                light_positions=lights,
+                ambient=cfg.render.ambient,
+                need_normals=need_normals,
+                stratified=True,
+                background_rgb=background_rgb,
+                generator=gen,
+            )
+            image = out.rgb.reshape(b, size, size, 3).permute(0, 3, 1, 2)  # [B, 3, H, W]
 
         # 3. Guidance: view-dependent prompts, one batched prior call, NFSD/SDS surrogate loss
         if cfg.guidance.view_dependent_prompts:
-            from .guidance.prompts import view_dependent_prompts
-
             prompts = view_dependent_prompts(cfg.prompt, cameras.azimuth, cameras.elevation)
         else:
             prompts = [cfg.prompt] * b
@@ -277,22 +280,25 @@ class Trainer:
         loss = sum(terms.values())
 
         # 5. Backward and Adam, skipping steps whose loss or gradient is not finite
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params])) if params else torch.zeros(())
-        skipped = not (torch.isfinite(loss) and torch.isfinite(grad_norm))
-        if skipped:
+        with stage("backward"):
             self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_total += 1
-            self.consecutive_skips += 1
-        else:
-            self.optimizer.step()
-            self.consecutive_skips = 0
+            loss.backward()
+        with stage("optimizer"):
+            grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+            param_grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.zeros(())
+            skipped = not bool(torch.isfinite(loss) & torch.isfinite(param_grad_norm))
+            if skipped:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.skipped_total += 1
+                self.consecutive_skips += 1
+            else:
+                self.optimizer.step()
+                self.consecutive_skips = 0
 
         # 6. Occupancy refresh
         if (step + 1) % cfg.render.occupancy_update_every == 0:
-            scene.occupancy.update(step + 1, scene.field.density, step_size=marching_step_size(cfg))
+            with stage("occupancy"):
+                scene.occupancy.update(step + 1, scene.field.density, step_size=marching_step_size(cfg))
 
         self.step += 1
         return StepResult(
@@ -300,6 +306,7 @@ class Trainer:
             terms={k: float(v) for k, v in terms.items()},
             t=[int(x) for x in info.get("t", [])],
             grad_norm=float(info.get("grad_norm", float("nan"))),
+            param_grad_norm=float(param_grad_norm),
             skipped=skipped,
             shading=shading,
         )
@@ -429,7 +436,7 @@ def run_training(
                     if trainer.step % cfg.train.log_every == 0 or trainer.step == cfg.train.steps:
                         recent = step_times[-(trainer.step - last_logged_step):]
                         line = {"step": trainer.step, "loss": result.loss, **{f"loss_{k}": v for k, v in result.terms.items()},
-                                "t": result.t, "grad_norm": result.grad_norm, "shading": result.shading,
+                                "t": result.t, "grad_norm": result.grad_norm, "param_grad_norm": result.param_grad_norm, "shading": result.shading,
                                 "skipped_steps": trainer.skipped_total,
                                 "seconds_per_step": sum(recent) / len(recent)}
                         metrics.write(json.dumps(line) + "\n")

@@ -1,0 +1,174 @@
+"""Score distillation: turn a prior's noise predictions into a loss on rendered images.
+
+Everything but the rule itself is shared (DESIGN.md sections 2-3): sample ``t`` and the noise,
+noise the latents, ask the prior for every prediction the rule needs in ONE batched call without
+an autograd graph, apply the rule (:mod:`.rules`), and hand the gradient to autograd through the
+surrogate ``0.5 * ||z - stopgrad(z - grad)||^2 / B``, whose derivative in ``z`` is ``grad / B``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Literal
+
+import torch
+from torch import Tensor
+
+from ..errors import UserError
+from .prior import DiffusionPrior
+from .rules import RULES, Predictions, threshold_for_schedule, weight_from_timesteps
+
+if TYPE_CHECKING:
+    from ..cameras import Cameras
+
+
+def sample_timesteps(
+    batch_size: int, num_train_timesteps: int, t_min: float, t_max: float, generator: torch.Generator
+) -> Tensor:
+    """Integer t [B] uniform in ``[round(t_min * T), round(t_max * T)]`` (clamped to ``T - 1``), on the generator's device."""
+    low = int(round(t_min * num_train_timesteps))
+    high = min(int(round(t_max * num_train_timesteps)), num_train_timesteps - 1)
+    low = min(low, high)
+    return torch.randint(low, high + 1, (batch_size,), generator=generator, device=generator.device)
+
+
+def annealed_t_max(t_min: float, t_max: float, t_max_end: float | None, progress: float) -> float:
+    """``t_max`` moved linearly towards ``t_max_end`` as ``progress`` goes 0 -> 1 (never below ``t_min``)."""
+    if t_max_end is None:
+        return t_max
+    progress = min(max(progress, 0.0), 1.0)
+    return max(t_min, t_max + (t_max_end - t_max) * progress)
+
+
+def surrogate_loss(z: Tensor, grad: Tensor) -> Tensor:
+    """Scalar ``0.5 * ||z - stopgrad(z - grad)||^2 / B``: its gradient in ``z`` [B, ...] is ``grad / B``."""
+    target = (z - grad).detach()
+    return 0.5 * (z - target).pow(2).sum() / z.shape[0]
+
+
+class ScoreDistillation:
+    """Shared by every rule in :data:`~nfsd_nerf.guidance.rules.RULES`; holds the resolved settings."""
+
+    def __init__(
+        self,
+        prior: DiffusionPrior,
+        *,
+        method: str = "nfsd",
+        scale: float | None = None,
+        negative_prompt: str | None = None,
+        t_min: float = 0.02,
+        t_max: float = 0.98,
+        t_max_end: float | None = None,
+        weighting: Literal["sds", "uniform"] = "sds",
+        grad_clip: float | None = None,
+    ):
+        if method not in RULES:
+            raise UserError(f"unknown guidance method {method!r} (known: {', '.join(RULES)})")
+        if not 0.0 <= t_min <= t_max <= 1.0:
+            raise UserError(f"guidance times need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
+        if t_max_end is not None and not t_min <= t_max_end <= 1.0:
+            raise UserError(f"guidance.t_max_end={t_max_end} must lie in [t_min={t_min}, 1]")
+        if scale is not None and not math.isfinite(scale):
+            raise UserError(f"guidance scale must be a finite number, got {scale}")
+        if grad_clip is not None and not grad_clip > 0:
+            raise UserError(f"guidance.grad_clip must be positive, got {grad_clip}")
+        if weighting not in ("sds", "uniform"):
+            raise UserError(f"unknown guidance weighting {weighting!r} (known: 'sds', 'uniform')")
+        self.prior = prior
+        self.method = method
+        self.rule = RULES[method]
+        self.scale = float(self.rule.default_scale if scale is None else scale)
+        self.negative_prompt = self.rule.default_negative_prompt if negative_prompt is None else negative_prompt
+        self.uncond_prompt = self.negative_prompt if self.rule.negative_replaces_uncond else ""
+        self.t_min, self.t_max, self.t_max_end = t_min, t_max, t_max_end
+        self.weighting = weighting
+        self.grad_clip = grad_clip
+        self.threshold = threshold_for_schedule(prior.num_train_timesteps)
+
+    def loss(
+        self,
+        rgb: Tensor,
+        prompts: list[str],
+        cameras: "Cameras | None",
+        progress: float,
+        generator: torch.Generator,
+    ) -> tuple[Tensor, dict]:
+        """rgb [B, 3, H, W] in [0, 1], one prompt and camera per view -> (scalar loss, info).
+
+        ``progress`` in [0, 1] anneals ``t_max``; every random draw comes from ``generator``.
+        info: ``t`` (list of B ints), ``grad_norm`` (float, L2 norm of the whole gradient).
+        """
+        return self.loss_from_latents(self.prior.encode(rgb), prompts, cameras, progress, generator)
+
+    def loss_from_latents(
+        self,
+        z: Tensor,
+        prompts: list[str],
+        cameras: "Cameras | None",
+        progress: float,
+        generator: torch.Generator,
+    ) -> tuple[Tensor, dict]:
+        """Like :meth:`loss` for latents z [B, C, h, w] already in the prior's space (the 2D experiment)."""
+        prior, batch = self.prior, z.shape[0]
+        if len(prompts) != batch:
+            raise ValueError(f"got {len(prompts)} prompts for a batch of {batch}")
+
+        # 1. Timesteps and noise, drawn from the caller's generator, then moved to the latents.
+        t_max = annealed_t_max(self.t_min, self.t_max, self.t_max_end, progress)
+        t_cpu = sample_timesteps(batch, prior.num_train_timesteps, self.t_min, t_max, generator).cpu()
+        noise = torch.randn(z.shape, generator=generator, device=generator.device).to(z.device, torch.float32)
+        t = t_cpu.to(z.device)
+
+        with torch.no_grad():
+            # 2. Noised latents.
+            ab = prior.alphas_cumprod[t].float().reshape(-1, *([1] * (z.dim() - 1)))
+            z_t = ab.sqrt() * z.detach().float() + (1.0 - ab).sqrt() * noise
+
+            # 3. One batched prediction: cond (B) + uncond (B) + negative rows only where needed.
+            neg_mask = (
+                self.rule.negative_mask(t_cpu, self.threshold)
+                if self.rule.negative_mask is not None
+                else torch.zeros(batch, dtype=torch.bool)
+            )
+            neg_index = neg_mask.nonzero().flatten()
+            rows = torch.cat([torch.arange(batch), torch.arange(batch), neg_index])  # [2B + K]
+            n_neg = len(neg_index)
+            embeddings = torch.cat(
+                [
+                    prior.embed(prompts),
+                    _repeat(prior.embed([self.uncond_prompt]), batch),
+                    _repeat(prior.embed([self.negative_prompt]), n_neg),
+                ]
+            )
+            rows_dev = rows.to(z.device)
+            eps = prior.predict_noise(
+                z_t[rows_dev], t[rows_dev], embeddings, None if cameras is None else cameras[rows.to(cameras.device)]
+            ).float()
+
+            # 4. The rule.
+            negative = None
+            if self.rule.negative_mask is not None:
+                negative = torch.zeros_like(z_t)
+                negative[neg_index.to(z.device)] = eps[2 * batch :]
+            predictions = Predictions(
+                cond=eps[:batch],
+                uncond=eps[batch : 2 * batch],
+                negative=negative,
+                noise=noise,
+                t=t,
+                weight=weight_from_timesteps(prior.alphas_cumprod, t, self.weighting),
+                scale=self.scale,
+                threshold=self.threshold,
+            )
+            grad = self.rule.grad(predictions)
+            if self.grad_clip is not None:
+                grad = grad.clamp(-self.grad_clip, self.grad_clip)
+
+        # 5. The surrogate loss carries ``grad`` back into whatever produced z.
+        loss = surrogate_loss(z.float(), grad)
+        return loss, {"t": t_cpu.tolist(), "grad_norm": float(grad.norm())}
+
+
+def _repeat(embedding: Tensor, n: int) -> Tensor:
+    """[1, ...] -> [n, ...] without copying."""
+    return embedding.expand(n, *embedding.shape[1:])

@@ -1,0 +1,136 @@
+"""Score-distillation rules as pure functions of noise predictions (DESIGN.md section 3).
+
+Notation: ``e(y)`` is the prior's noise prediction for ``z_t`` with the prompt, ``e(0)`` with the
+unconditional prompt, ``e(neg)`` with the negative prompt; ``eps`` is the noise that was added;
+``w(t)`` a per-sample weight. Every tensor of predictions is ``[B, C, H, W]``; ``t`` and ``weight``
+are ``[B]``. Nothing here touches a model, so the formulas are tested against hand-written values.
+
+A rule is registered in :data:`RULES` with its default scale, its default negative prompt and which
+samples need the negative-prompt prediction; :class:`~nfsd_nerf.guidance.distill.ScoreDistillation`
+does everything else (sampling, batching, the surrogate loss) identically for every rule. Adding a
+rule means one function here and one entry in :data:`RULES`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Literal
+
+import torch
+from torch import Tensor
+
+PAPER_NEGATIVE_PROMPT = (
+    "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, gloomy"
+)
+"""``p_neg`` of the NFSD paper: its prediction approximates minus the in-domain direction."""
+
+NFSD_THRESHOLD = 200
+"""NFSD switches its domain direction at ``t = 200`` of a 1000-step training schedule."""
+
+
+def _per_sample(x: Tensor, like: Tensor) -> Tensor:
+    """[B] -> [B, 1, 1, ...] on ``like``'s device, broadcastable against ``like`` [B, ...]."""
+    return x.to(like.device).reshape(-1, *([1] * (like.dim() - 1)))
+
+
+def threshold_for_schedule(num_train_timesteps: int, threshold_1000: int = NFSD_THRESHOLD) -> int:
+    """The NFSD switch time on a schedule of ``num_train_timesteps`` steps (200 when T = 1000)."""
+    return int(round(threshold_1000 * num_train_timesteps / 1000))
+
+
+def weight_from_timesteps(alphas_cumprod: Tensor, t: Tensor, kind: Literal["sds", "uniform"] = "sds") -> Tensor:
+    """w(t) [B] from ``alphas_cumprod`` [T] and integer ``t`` [B].
+
+    ``"sds"``: ``1 - ab_t`` (DreamFusion / threestudio); ``"uniform"``: 1.
+    """
+    if kind == "sds":
+        return 1.0 - alphas_cumprod[t.to(alphas_cumprod.device)].float()
+    if kind == "uniform":
+        return torch.ones(t.shape, dtype=torch.float32, device=alphas_cumprod.device)
+    raise ValueError(f"unknown weighting {kind!r}")
+
+
+def nfsd_negative_mask(t: Tensor, threshold: int) -> Tensor:
+    """bool [B]: the samples whose NFSD domain direction needs ``e(neg)`` (``t >= threshold``)."""
+    return t >= threshold
+
+
+def nfsd_grad(
+    eps_cond: Tensor, eps_uncond: Tensor, eps_neg: Tensor, t: Tensor, weight: Tensor, scale: float, threshold: int
+) -> Tensor:
+    """Noise-Free Score Distillation: ``w(t) * (dD + s * dC)``.
+
+    ``dC = e(y) - e(0)``; ``dD = e(0)`` where ``t < threshold``, else ``e(0) - e(neg)``. Rows of
+    ``eps_neg`` where ``t < threshold`` are never read (they may hold anything, even NaN).
+    There is no ``- eps`` term: that is the point of the method.
+    """
+    delta_c = eps_cond - eps_uncond
+    low_t = _per_sample(t < threshold, eps_uncond)
+    delta_d = torch.where(low_t, eps_uncond, eps_uncond - eps_neg)
+    return _per_sample(weight, delta_c).to(delta_c.dtype) * (delta_d + scale * delta_c)
+
+
+def sds_grad(eps_cond: Tensor, eps_uncond: Tensor, noise: Tensor, weight: Tensor, scale: float) -> Tensor:
+    """Score Distillation Sampling with standard CFG: ``w(t) * (e(0) + s * (e(y) - e(0)) - eps)``.
+
+    (threestudio's ``e(y) + s * (e(y) - e(0))`` is this with scale ``s + 1``.)
+    """
+    eps_cfg = eps_uncond + scale * (eps_cond - eps_uncond)
+    return _per_sample(weight, noise).to(noise.dtype) * (eps_cfg - noise)
+
+
+@dataclass
+class Predictions:
+    """Everything a rule may read at one step; tensors [B, C, H, W] unless noted."""
+
+    cond: Tensor
+    """e(y): the prompt (one per view)."""
+    uncond: Tensor
+    """e(0): the unconditional prompt of the rule (empty, or the negative prompt for SDS)."""
+    negative: Tensor | None
+    """e(neg) where :attr:`Rule.negative_mask` is set, zeros elsewhere; None if the rule has no such branch."""
+    noise: Tensor
+    """The noise added to make ``z_t``."""
+    t: Tensor
+    """[B] integer timesteps."""
+    weight: Tensor
+    """[B] w(t)."""
+    scale: float
+    """Guidance scale s."""
+    threshold: int
+    """NFSD switch time on this prior's schedule."""
+
+
+@dataclass(frozen=True)
+class Rule:
+    """How one score-distillation rule uses the shared machinery."""
+
+    grad: Callable[[Predictions], Tensor]
+    """Predictions -> gradient on the latent [B, C, H, W]."""
+    default_scale: float
+    """Guidance scale when the user sets none."""
+    default_negative_prompt: str
+    """Negative prompt when the user sets none."""
+    negative_replaces_uncond: bool
+    """True: a user's negative prompt is the unconditional branch (CFG as in Stable Diffusion)."""
+    negative_mask: Callable[[Tensor, int], Tensor] | None
+    """(t [B], threshold) -> bool [B]: samples that need a separate negative-prompt prediction."""
+
+
+RULES: dict[str, Rule] = {
+    "nfsd": Rule(
+        grad=lambda p: nfsd_grad(p.cond, p.uncond, p.negative, p.t, p.weight, p.scale, p.threshold),
+        default_scale=7.5,
+        default_negative_prompt=PAPER_NEGATIVE_PROMPT,
+        negative_replaces_uncond=False,
+        negative_mask=nfsd_negative_mask,
+    ),
+    "sds": Rule(
+        grad=lambda p: sds_grad(p.cond, p.uncond, p.noise, p.weight, p.scale),
+        default_scale=100.0,
+        default_negative_prompt="",
+        negative_replaces_uncond=True,
+        negative_mask=None,
+    ),
+}
+"""Rule name -> rule. ``GuidanceConfig.method`` names one of these."""

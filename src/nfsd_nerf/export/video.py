@@ -1,0 +1,339 @@
+"""Turntable videos of a field: the published evaluation orbit (DESIGN.md section 4) as H.264 MP4.
+
+Cameras: :func:`~nfsd_nerf.cameras.orbit_cameras` at distance 2.0, fovy 70 deg, a fixed elevation,
+the light at the camera. Each frame is rendered in ray chunks under ``no_grad`` (a 512x512 frame
+fits in CPU memory) and streamed to the encoder, so memory does not grow with the frame count
+(except ``depth``, whose grey scale is normalised over the whole video and so is written at the end).
+
+Modes: ``rgb`` (albedo over the learned background, what training renders), ``shaded``
+(Lambertian), ``textureless`` (white albedo, Lambertian: the geometry alone), ``normal`` (world
+normals mapped to RGB as ``0.5 n + 0.5`` over white) and ``depth`` (near bright, far dark, over black).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..cameras import Cameras, orbit_cameras
+from ..errors import UserError
+
+MODES: tuple[str, ...] = ("rgb", "shaded", "textureless", "normal", "depth")
+EVAL_DISTANCE = 2.0
+"""Camera distance of the published evaluation orbit (threestudio ``dreamfusion-sd``)."""
+EVAL_FOVY_DEG = 70.0
+"""Vertical field of view of the evaluation orbit, degrees."""
+DEFAULT_CHUNK_RAYS = 8192
+"""Rays per render call: bounds the packed samples held at once (~0.5 GB at 512 samples per ray)."""
+_SHADING = {"rgb": "albedo", "shaded": "lambertian", "textureless": "textureless"}
+
+Progress = Callable[[int, int], None]
+"""progress(frames_done, frames_total), called after every frame."""
+
+
+# --------------------------------------------------------------------------- pure image maps
+
+
+def image_from_normals(normal: Tensor, opacity: Tensor) -> Tensor:
+    """Accumulated normals [H, W, 3] (``sum w n``) and opacity [H, W] -> RGB [H, W, 3] in [0, 1].
+
+    ``0.5 n + 0.5`` of the unit mean normal, composited over white by opacity.
+    """
+    unit = torch.nn.functional.normalize(normal, dim=-1)
+    a = opacity.clamp(0.0, 1.0)[..., None]
+    return a * (0.5 * unit + 0.5) + (1.0 - a)
+
+
+def depth_range_from_frames(depth: np.ndarray, opacity: np.ndarray) -> tuple[float, float]:
+    """(near, far): 1st and 99th percentiles of the depth of pixels at least half opaque.
+
+    depth, opacity [F, H, W]. Robust to a few stray samples; (0, 1) when nothing is opaque.
+    """
+    fg = depth[opacity >= 0.5].astype(np.float64)
+    if fg.size == 0:
+        return 0.0, 1.0
+    near, far = np.percentile(fg, [1.0, 99.0])
+    if far - near < 1e-6:
+        far = near + 1e-6
+    return float(near), float(far)
+
+
+def image_from_depth(depth: np.ndarray, opacity: np.ndarray, near: float, far: float) -> np.ndarray:
+    """depth, opacity [H, W] -> grey RGB [H, W, 3] in [0, 1]: near 1, far 0.15, over black."""
+    level = 1.0 - 0.85 * np.clip((depth.astype(np.float64) - near) / (far - near), 0.0, 1.0)
+    grey = np.clip(opacity, 0.0, 1.0) * level
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def _rgb8(image) -> np.ndarray:
+    array = image.detach().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
+    return np.clip(np.rint(array.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def check_video_inputs(frames: int, size: int, fps: float, elevation: float, modes: Sequence[str]) -> tuple[str, ...]:
+    """Validate the command's inputs once; returns the modes as a tuple. Messages quote the bad value."""
+    if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
+        raise UserError(f"frames must be a positive integer, got {frames!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 16 or size % 2:
+        raise UserError(f"video size must be an even number of pixels >= 16 (H.264 yuv420p), got {size!r}")
+    if isinstance(fps, bool) or not isinstance(fps, (int, float)) or not 0 < fps <= 240:
+        raise UserError(f"fps must be a number in (0, 240], got {fps!r}")
+    if not isinstance(elevation, (int, float)) or not -89.0 <= elevation <= 89.0:
+        raise UserError(f"elevation must be in [-89, 89] degrees, got {elevation!r}")
+    modes = tuple(modes)
+    unknown = [m for m in modes if m not in MODES]
+    if not modes or unknown:
+        raise UserError(f"unknown video mode(s) {', '.join(map(repr, unknown)) or '(none)'} (choose from {', '.join(MODES)})")
+    if len(set(modes)) != len(modes):
+        raise UserError(f"video modes repeat: {','.join(modes)}")
+    return modes
+
+
+def _module_device(module) -> torch.device:
+    try:
+        return next(module.parameters()).device
+    except (AttributeError, StopIteration):
+        return torch.device("cpu")
+
+
+@torch.no_grad()
+def render_frame(
+    field,
+    background,
+    camera: Cameras,
+    size: int,
+    modes: Sequence[str],
+    *,
+    occupancy=None,
+    n_samples: int = 512,
+    chunk_rays: int = DEFAULT_CHUNK_RAYS,
+) -> dict[str, Tensor]:
+    """One camera -> {mode: RGB [size, size, 3] in [0, 1]} plus ``depth`` / ``opacity`` [size, size]
+    floats when ``depth`` is asked for. One render pass per shading; normals and depth come with
+    the first pass."""
+    from ..render import render_image
+
+    device = _module_device(field)
+    camera = camera.to(device)
+    shadings = [m for m in modes if m in _SHADING] or ["rgb"]
+    out: dict[str, Tensor] = {}
+    for i, mode in enumerate(shadings):
+        first = i == 0
+        result = render_image(
+            field,
+            background,
+            camera,
+            size,
+            size,
+            chunk_rays=chunk_rays,
+            occupancy=occupancy,
+            n_samples=n_samples,
+            shading=_SHADING[mode],
+            need_normals=first and "normal" in modes,
+        )
+        if mode in modes:
+            out[mode] = result["rgb"][0].clamp(0.0, 1.0)
+        if first:
+            if "normal" in modes:
+                out["normal"] = image_from_normals(result["normal"][0], result["opacity"][0])
+            if "depth" in modes:
+                out["depth"], out["opacity"] = result["depth"][0], result["opacity"][0]
+    return out
+
+
+def estimate_seconds(
+    field,
+    background,
+    *,
+    frames: int = 120,
+    size: int = 512,
+    modes: Sequence[str] = ("rgb", "normal", "depth"),
+    occupancy=None,
+    n_samples: int = 512,
+    elevation: float = 15.0,
+    probe_size: int = 64,
+) -> float:
+    """Projected wall time of :func:`render_turntable`: one ``probe_size`` frame (after a warm-up
+    frame) timed and scaled by pixel count and frame count. Rendering cost is proportional to the
+    rays; the probe views the object from the turntable's first camera, a typical view."""
+    probe = min(int(size), int(probe_size))
+    cams = orbit_cameras(1, distance=EVAL_DISTANCE, fovy_deg=EVAL_FOVY_DEG, elevation_deg=float(elevation))
+    kwargs = dict(occupancy=occupancy, n_samples=n_samples)
+    render_frame(field, background, cams, 16, modes, **kwargs)  # warm-up (allocations, lazy imports)
+    start = time.perf_counter()
+    render_frame(field, background, cams, probe, modes, **kwargs)
+    per_frame = (time.perf_counter() - start) * (size / probe) ** 2
+    return per_frame * frames
+
+
+class _VideoFile:
+    """One output file written under a temporary name in the same folder, renamed when complete."""
+
+    def __init__(self, path: Path, fps: float, quality: float):
+        import imageio.v2 as iio
+
+        self.path = path
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+        os.close(fd)
+        self.tmp = Path(tmp)
+        if path.suffix == ".gif":
+            self.writer = iio.get_writer(self.tmp, format="GIF", mode="I", duration=1000.0 / fps, loop=0)
+        else:
+            self.writer = iio.get_writer(
+                self.tmp,
+                format="FFMPEG",
+                mode="I",
+                fps=fps,
+                codec="libx264",
+                quality=quality,
+                pixelformat="yuv420p",
+                macro_block_size=2,
+                ffmpeg_log_level="error",
+                output_params=["-movflags", "+faststart"],
+            )
+
+    def append(self, frame: np.ndarray) -> None:
+        self.writer.append_data(frame)
+
+    def commit(self) -> Path:
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def discard(self) -> None:
+        try:
+            self.writer.close()
+        except Exception:  # the encoder may already be broken; the temp file goes either way
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+
+def render_turntable(
+    field,
+    background,
+    *,
+    out_dir: Path | str,
+    frames: int = 120,
+    size: int = 512,
+    elevation: float = 15.0,
+    modes: Sequence[str] = ("rgb", "normal", "depth"),
+    fps: float = 30.0,
+    gif: bool = False,
+    occupancy=None,
+    n_samples: int = 512,
+    chunk_rays: int = DEFAULT_CHUNK_RAYS,
+    quality: float = 8.0,
+    name: str = "turntable",
+    progress: Progress | None = None,
+) -> list[Path]:
+    """Render the evaluation orbit and write ``out_dir/<name>_<mode>.mp4`` (and ``.gif`` if asked).
+
+    field/background: as for :func:`~nfsd_nerf.render.render_image`; ``occupancy`` and
+    ``n_samples`` should be the run's. ``frames`` views evenly spaced in azimuth starting at the
+    front (azimuth 0), ``size`` x ``size`` pixels (even, for yuv420p), ``quality`` 0-10 (imageio's
+    scale; 8 is x264 CRF 10). Every file is written under a temporary name and renamed when
+    complete; on any error (or Ctrl-C) the temporary files are removed. Returns the paths written.
+    """
+    # 1. Check inputs
+    modes = check_video_inputs(frames, size, fps, elevation, modes)
+    out_dir = Path(out_dir)
+    cams = orbit_cameras(frames, distance=EVAL_DISTANCE, fovy_deg=EVAL_FOVY_DEG, elevation_deg=float(elevation))
+
+    # 2. Open one temporary file per output
+    files: dict[tuple[str, str], _VideoFile] = {}
+    suffixes = (".mp4", ".gif") if gif else (".mp4",)
+    try:
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            for mode in modes:
+                for suffix in suffixes:
+                    files[mode, suffix] = _VideoFile(out_dir / f"{name}_{mode}{suffix}", fps, quality)
+        except OSError as exc:
+            raise UserError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
+
+        # 3. Render and stream frames (depth is buffered for its global grey scale)
+        depth_frames, opacity_frames = [], []
+        for i in range(frames):
+            images = render_frame(
+                field, background, cams[i], size, modes, occupancy=occupancy, n_samples=n_samples, chunk_rays=chunk_rays
+            )
+            for mode in modes:
+                if mode == "depth":
+                    depth_frames.append(images["depth"].cpu().numpy().astype(np.float32))
+                    opacity_frames.append(images["opacity"].cpu().numpy().astype(np.float16))
+                    continue
+                frame = _rgb8(images[mode])
+                for suffix in suffixes:
+                    files[mode, suffix].append(frame)
+            if progress is not None:
+                progress(i + 1, frames)
+
+        # 4. Depth, normalised over the whole video
+        if "depth" in modes:
+            depth, opacity = np.stack(depth_frames), np.stack(opacity_frames).astype(np.float32)
+            near, far = depth_range_from_frames(depth, opacity)
+            for d, a in zip(depth, opacity):
+                frame = _rgb8(image_from_depth(d, a, near, far))
+                for suffix in suffixes:
+                    files["depth", suffix].append(frame)
+
+        # 5. Rename into place, only now that every file is complete
+        try:
+            return [video.commit() for video in files.values()]
+        except OSError as exc:
+            raise UserError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
+    finally:
+        for video in files.values():
+            if video.tmp.exists():
+                video.discard()
+
+
+def render_run_video(
+    run_dir: Path | str,
+    *,
+    frames: int = 120,
+    fps: float = 30.0,
+    size: int = 512,
+    elevation: float = 15.0,
+    modes: Sequence[str] = ("rgb", "normal", "depth"),
+    gif: bool = False,
+    checkpoint: Path | str | None = None,
+    device: torch.device | str = "cpu",
+    progress: Progress | None = None,
+    announce: Callable[[float], None] | None = None,
+) -> list[Path]:
+    """``nfsd-nerf render-video``: load a run (latest checkpoint by default) and write
+    ``RUN_DIR/video/turntable_<mode>.mp4``. ``announce(seconds)`` receives the projected render
+    time before rendering starts (the CLI prints it)."""
+    from ..checkpoint import load_run
+
+    check_video_inputs(frames, size, fps, elevation, modes)
+    run = load_run(Path(run_dir), None if checkpoint is None else Path(checkpoint), device=device)
+    kwargs = dict(occupancy=run.occupancy, n_samples=run.config.render.n_samples)
+    if announce is not None:
+        announce(
+            estimate_seconds(run.field, run.background, frames=frames, size=size, modes=modes, elevation=elevation, **kwargs)
+        )
+    return render_turntable(
+        run.field,
+        run.background,
+        out_dir=Path(run_dir) / "video",
+        frames=frames,
+        size=size,
+        elevation=elevation,
+        modes=modes,
+        fps=fps,
+        gif=gif,
+        progress=progress,
+        **kwargs,
+    )

@@ -155,9 +155,33 @@ def test_optimize_image_writes_png_grid_and_settings(tiny_prior, tmp_path):
     image = iio.imread(path)
     assert image.shape == (64, 64, 3) and image.dtype.name == "uint8"
     grid = iio.imread(tmp_path / "out" / "sds-s7.5-steps.png")
-    assert grid.shape == (64, 4 * 64, 3)
+    assert grid.shape == (256, 4 * 256, 3)  # 4 snapshots in a row, 64 px enlarged 4x
+    assert (grid[:256:4, -256::4] == image).all()  # the last tile is the final image
+    assert not (grid[:256:4, :256:4] == image).all()  # ... and it moved away from the start
     settings = json.loads((tmp_path / "out" / "sds-s7.5.json").read_text())
     assert settings["scale"] == 7.5 and settings["model"] == tiny_prior.model_id and settings["negative_prompt"] == ""
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_half_precision_and_text_encoder_offload(tiny_sd_path):
+    prior = load_prior(str(tiny_sd_path), device="cuda", half_precision=True)
+    assert prior.dtype == torch.float16 and next(prior.unet.parameters()).dtype == torch.float16
+    assert prior.alphas_cumprod.device.type == "cuda" and prior.alphas_cumprod.dtype == torch.float32
+    emb = prior.embed(["a cat", ""])
+    assert emb.device.type == "cuda" and emb.dtype == torch.float16
+    assert next(prior.text_encoder.parameters()).device.type == "cpu"  # released after embedding
+    rgb = torch.rand(2, 3, 48, 48, device="cuda", requires_grad=True)
+    loss, info = ScoreDistillation(prior).loss(rgb, ["a cat", "a dog"], None, 0.0, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert loss.dtype == torch.float32 and torch.isfinite(rgb.grad).all() and rgb.grad.abs().sum() > 0
+    cpu_prior = load_prior(str(tiny_sd_path), device="cpu")
+    z_t = torch.randn(2, 4, 8, 8)
+    t = torch.tensor([30, 800])
+    with torch.no_grad():
+        fast = prior.predict_noise(z_t.cuda(), t.cuda(), prior.embed(["a", "b"])).cpu()
+        reference = cpu_prior.predict_noise(z_t, t, cpu_prior.embed(["a", "b"]))
+    assert fast.dtype == torch.float32 and torch.allclose(fast, reference, atol=2e-2, rtol=2e-2)
 
 
 # --------------------------------------------------------------------------- loading: environment and servers

@@ -95,11 +95,19 @@ def optimize_image(
 
 
 def image_grid(images: Tensor, columns: int = 4, tile: int = 256) -> Tensor:
-    """images [N, 3, H, W] -> one [3, rows * h, columns * w] picture, tiles shrunk to at most ``tile`` px."""
+    """images [N, 3, H, W] -> one [3, rows * h, columns * w] picture.
+
+    Tiles larger than ``tile`` px are shrunk to it; small ones (pixel-space priors) are enlarged by
+    an integer factor with nearest-neighbour, so their pixels stay visible.
+    """
     n, c, h, w = images.shape
     if max(h, w) > tile:
         h, w = round(h * tile / max(h, w)), round(w * tile / max(h, w))
         images = torch.nn.functional.interpolate(images, (h, w), mode="bilinear", antialias=True, align_corners=False)
+    elif 2 * max(h, w) <= tile:
+        factor = tile // max(h, w)
+        h, w = h * factor, w * factor
+        images = torch.nn.functional.interpolate(images, (h, w), mode="nearest")
     columns = min(columns, n)
     rows = -(-n // columns)
     grid = torch.ones(c, rows * h, columns * w, dtype=images.dtype)

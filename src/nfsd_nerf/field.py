@@ -1,0 +1,222 @@
+"""The radiance field (hash grid + small MLP -> density, albedo) and the background model.
+
+Density follows threestudio's ``dreamfusion-sd`` / Magic3D setup (DESIGN.md section 4):
+``sigma = act(raw + blob(x))`` with ``blob(x) = blob_density * (1 - |x| / blob_radius)``, so training
+starts from a centred ball; ``act`` is softplus or trunc_exp. The MLP has no biases (like
+tiny-cuda-nn's fused MLP and threestudio's), so at initialisation (hash features ~1e-4) the
+density is exactly the blob and the albedo exactly 0.5 grey.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .encoding import HashGridEncoding
+
+DensityActivation = Literal["softplus", "trunc_exp"]
+NormalMethod = Literal["analytic", "finite_difference"]
+
+NORMAL_EPS_PER_BOUND = 5e-3
+"""Finite-difference step for normals, as a fraction of ``bound`` (0.01 at bound 2, as threestudio).
+Larger than the finest hash cell (2 * bound / 4096), so normals are smooth at the surface scale."""
+TRUNC_EXP_MAX = 15.0
+"""trunc_exp's gradient uses exp(min(x, 15)) so a large raw density cannot blow up Adam."""
+
+
+# --------------------------------------------------------------------------- pure functions
+
+
+class _TruncExp(torch.autograd.Function):
+    """exp(x) with the gradient of exp(min(x, 15)) (torch-ngp / stable-dreamfusion).
+
+    The backward is written with differentiable ops, so double backward (analytic normals with
+    ``create_graph``) works.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        ctx.save_for_backward(x)
+        return torch.exp(x)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        (x,) = ctx.saved_tensors
+        return grad * torch.exp(x.clamp(max=TRUNC_EXP_MAX))
+
+
+def trunc_exp(x: Tensor) -> Tensor:
+    return _TruncExp.apply(x)
+
+
+def blob_bias_from_points(x: Tensor, blob_density: float, blob_radius: float) -> Tensor:
+    """Magic3D's centred density bias: x [N, 3] world -> [N] = density * (1 - |x| / radius)."""
+    return blob_density * (1.0 - x.norm(dim=-1) / blob_radius)
+
+
+def unit_cube_from_world(x: Tensor, bound: float) -> Tensor:
+    """x [N, 3] in [-bound, bound]^3 -> [N, 3] in [0, 1]^3 (the hash grid's domain)."""
+    return (x + bound) / (2.0 * bound)
+
+
+def frequency_encoding(x: Tensor, n_frequencies: int) -> Tensor:
+    """x [N, D] -> [N, D * (1 + 2F)]: x, sin(2^k pi x), cos(2^k pi x) for k < F."""
+    freqs = (2.0 ** torch.arange(n_frequencies, device=x.device, dtype=x.dtype)) * math.pi
+    angles = (x[..., None] * freqs).flatten(-2)  # [N, D*F]
+    return torch.cat([x, torch.sin(angles), torch.cos(angles)], dim=-1)
+
+
+def _mlp(n_in: int, hidden: int, n_hidden_layers: int, n_out: int, bias: bool) -> nn.Sequential:
+    """Linear-ReLU stack with ``n_hidden_layers`` hidden layers (0: a single linear map)."""
+    layers: list[nn.Module] = []
+    width = n_in
+    for _ in range(n_hidden_layers):
+        layers += [nn.Linear(width, hidden, bias=bias), nn.ReLU()]
+        width = hidden
+    layers.append(nn.Linear(width, n_out, bias=bias))
+    return nn.Sequential(*layers)
+
+
+# --------------------------------------------------------------------------- the field
+
+
+class NeRFField(nn.Module):
+    """Density and albedo over the scene box [-bound, bound]^3; zero density outside it.
+
+    State dict: ``encoding.params`` (the hash table, tcnn layout) and ``mlp.<i>.weight``.
+    Keyword arguments are exactly :class:`~nfsd_nerf.config.FieldConfig`'s fields.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_levels: int = 16,
+        n_features_per_level: int = 2,
+        log2_hashmap_size: int = 19,
+        base_resolution: int = 16,
+        per_level_scale: float = 1.447269,
+        hidden_dim: int = 64,
+        n_hidden_layers: int = 1,
+        bound: float = 2.0,
+        density_activation: DensityActivation = "softplus",
+        blob_density: float = 10.0,
+        blob_radius: float = 0.5,
+        normal_method: NormalMethod = "finite_difference",
+        backend: Literal["auto", "tcnn", "torch"] = "auto",
+    ):
+        super().__init__()
+        if density_activation not in ("softplus", "trunc_exp"):
+            raise ValueError(f"density_activation must be 'softplus' or 'trunc_exp', got {density_activation!r}")
+        if normal_method not in ("analytic", "finite_difference"):
+            raise ValueError(f"normal_method must be 'analytic' or 'finite_difference', got {normal_method!r}")
+        if bound <= 0 or blob_radius <= 0:
+            raise ValueError(f"bound and blob_radius must be positive, got {bound} and {blob_radius}")
+        self.bound = float(bound)
+        self.density_activation = density_activation
+        self.blob_density = float(blob_density)
+        self.blob_radius = float(blob_radius)
+        self.normal_method = normal_method
+        self.normal_eps = NORMAL_EPS_PER_BOUND * self.bound
+        self.encoding = HashGridEncoding(
+            n_levels=n_levels,
+            n_features_per_level=n_features_per_level,
+            log2_hashmap_size=log2_hashmap_size,
+            base_resolution=base_resolution,
+            per_level_scale=per_level_scale,
+            backend=backend,
+        )
+        self.mlp = _mlp(self.encoding.n_output_dims, hidden_dim, n_hidden_layers, 4, bias=False)
+
+    def _activate(self, raw: Tensor) -> Tensor:
+        return F.softplus(raw) if self.density_activation == "softplus" else trunc_exp(raw)
+
+    def _raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [N, 3] world -> (sigma [N], albedo logits [N, 3])."""
+        inside = (x.abs() <= self.bound).all(dim=-1)
+        features = self.encoding(unit_cube_from_world(x, self.bound).clamp(0.0, 1.0))
+        out = self.mlp(features.float())  # [N, 4]
+        raw_density = out[:, 0] + blob_bias_from_points(x, self.blob_density, self.blob_radius)
+        sigma = torch.where(inside, self._activate(raw_density), torch.zeros_like(raw_density))
+        return sigma, out[:, 1:]
+
+    def density(self, x: Tensor) -> Tensor:
+        """x [N, 3] world -> sigma [N] (blob bias included, 0 outside the box)."""
+        return self._raw(x)[0]
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """x [N, 3] world -> (sigma [N], albedo [N, 3] in [0, 1])."""
+        sigma, logits = self._raw(x)
+        return sigma, torch.sigmoid(logits)
+
+    def normals(self, x: Tensor) -> Tensor:
+        """x [N, 3] world -> unit normals [N, 3] = -normalize(grad sigma), pointing out of the density.
+
+        ``finite_difference``: central differences with step ``normal_eps`` (6 density evaluations
+        per point), differentiable w.r.t. the field by plain backprop. ``analytic``: autograd through
+        the encoding; when grad is enabled the graph is kept (``create_graph``) so a loss on the
+        normals trains the field (double backward through the hash grid).
+        """
+        if self.normal_method == "finite_difference":
+            grad = self._density_gradient_fd(x)
+        else:
+            grad = self._density_gradient_autograd(x)
+        return -F.normalize(grad, dim=-1)
+
+    def _density_gradient_fd(self, x: Tensor) -> Tensor:
+        eps = self.normal_eps
+        offsets = torch.eye(3, device=x.device, dtype=x.dtype)
+        offsets = torch.stack([offsets, -offsets], dim=1).reshape(6, 3) * eps  # +x, -x, +y, -y, +z, -z
+        sigma = self.density((x[:, None, :] + offsets).reshape(-1, 3)).reshape(-1, 3, 2)
+        return (sigma[..., 0] - sigma[..., 1]) / (2.0 * eps)
+
+    def _density_gradient_autograd(self, x: Tensor) -> Tensor:
+        create_graph = torch.is_grad_enabled()
+        with torch.enable_grad():
+            xg = x.detach().requires_grad_(True)
+            sigma = self.density(xg)
+            (grad,) = torch.autograd.grad(sigma.sum(), xg, create_graph=create_graph)
+        return grad if create_graph else grad.detach()
+
+
+# --------------------------------------------------------------------------- background
+
+
+class Background(nn.Module):
+    """What a ray sees after leaving the scene.
+
+    ``mlp``: a small MLP on the frequency-encoded view direction (27 -> 16 -> 3, sigmoid), learned.
+    ``solid``: the fixed ``color``. ``random_solid_prob`` is stored for the training loop, which
+    decides per step whether to replace the background by a random colour.
+    """
+
+    N_FREQUENCIES = 4
+    HIDDEN = 16
+
+    def __init__(
+        self,
+        *,
+        kind: Literal["mlp", "solid"] = "mlp",
+        color: tuple[float, float, float] = (1.0, 1.0, 1.0),
+        random_solid_prob: float = 0.0,
+    ):
+        super().__init__()
+        if kind not in ("mlp", "solid"):
+            raise ValueError(f"background kind must be 'mlp' or 'solid', got {kind!r}")
+        if len(color) != 3:
+            raise ValueError(f"background color must have 3 values, got {color!r}")
+        self.kind = kind
+        self.random_solid_prob = float(random_solid_prob)
+        # not saved: it comes from the config
+        self.register_buffer("color", torch.tensor([float(c) for c in color]), persistent=False)
+        if kind == "mlp":
+            self.mlp = _mlp(3 * (1 + 2 * self.N_FREQUENCIES), self.HIDDEN, 1, 3, bias=True)
+
+    def forward(self, dirs: Tensor) -> Tensor:
+        """dirs [N, 3] unit -> rgb [N, 3] in [0, 1]."""
+        if self.kind == "solid":
+            return self.color.to(dirs.dtype).expand(dirs.shape[0], 3)
+        return torch.sigmoid(self.mlp(frequency_encoding(dirs, self.N_FREQUENCIES)))

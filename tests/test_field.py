@@ -1,0 +1,251 @@
+"""NeRFField and Background against hand-derived values."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from nfsd_nerf.config import FieldConfig
+from nfsd_nerf.field import (
+    Background,
+    NeRFField,
+    blob_bias_from_points,
+    frequency_encoding,
+    trunc_exp,
+)
+
+SMALL = dict(n_levels=4, n_features_per_level=2, log2_hashmap_size=12, base_resolution=4, per_level_scale=2.0,
+             hidden_dim=16, n_hidden_layers=1, bound=1.0, backend="torch")
+
+
+def _field(**overrides) -> NeRFField:
+    torch.manual_seed(0)
+    return NeRFField(**{**SMALL, **overrides})
+
+
+def _roughen(field: NeRFField, scale: float = 1.0) -> NeRFField:
+    """Make the hash grid matter: features of order 1 instead of 1e-4."""
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(1)
+        field.encoding.params.copy_((torch.rand(field.encoding.params.shape, generator=g) * 2 - 1) * scale)
+    return field
+
+
+def _sphere_points(n: int, radius: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return F.normalize(torch.randn(n, 3, generator=g), dim=-1) * radius
+
+
+# --------------------------------------------------------------------------- construction
+
+
+def test_builds_from_field_config_and_state_dict_is_stable():
+    from dataclasses import asdict
+
+    field = NeRFField(**{**asdict(FieldConfig()), **{k: SMALL[k] for k in ("n_levels", "log2_hashmap_size")}})
+    assert set(field.state_dict()) == {"encoding.params", "mlp.0.weight", "mlp.2.weight"}
+    assert field.mlp[0].weight.shape == (64, 8) and field.mlp[2].weight.shape == (4, 64)
+    deep = _field(n_hidden_layers=3, hidden_dim=8)
+    assert set(deep.state_dict()) == {"encoding.params", "mlp.0.weight", "mlp.2.weight", "mlp.4.weight", "mlp.6.weight"}
+    flat = _field(n_hidden_layers=0)
+    assert flat.mlp[0].weight.shape == (4, 8)
+
+
+def test_bad_choices_are_refused():
+    with pytest.raises(ValueError, match="density_activation"):
+        _field(density_activation="relu")
+    with pytest.raises(ValueError, match="normal_method"):
+        _field(normal_method="sobel")
+
+
+# --------------------------------------------------------------------------- density
+
+
+def test_blob_bias_hand_values():
+    x = torch.tensor([[0.0, 0.0, 0.0], [0.3, 0.4, 0.0], [0.0, 0.0, 1.5]])
+    assert torch.allclose(blob_bias_from_points(x, 10.0, 0.5), torch.tensor([10.0, 0.0, -20.0]))
+
+
+@pytest.mark.parametrize("activation", ["softplus", "trunc_exp"])
+def test_initial_density_is_the_blob(activation):
+    field = _field(bound=2.0, blob_density=10.0, blob_radius=0.5, density_activation=activation)
+    x = torch.tensor([[0.0, 0.0, 0.0], [0.25, 0.0, 0.0], [0.0, 1.5, 0.0], [1.9, 1.9, 1.9], [2.5, 0.0, 0.0]])
+    sigma, albedo = field(x)
+    act = F.softplus if activation == "softplus" else torch.exp
+    expected = act(torch.tensor([10.0, 5.0, -20.0, 10 * (1 - math.sqrt(3 * 1.9**2) / 0.5)]))
+    # the hash features start in U(-1e-4, 1e-4) and the MLP has no biases: raw ~ 0
+    assert torch.allclose(sigma[:4], expected, rtol=1e-3, atol=1e-6)
+    assert sigma[0] > 9.9 and sigma[2] < 1e-8
+    assert sigma[4] == 0  # outside the box
+    assert torch.allclose(albedo, torch.full_like(albedo, 0.5), atol=1e-3)
+    assert torch.equal(field.density(x), sigma)
+
+
+def test_zero_density_outside_the_box_even_when_the_field_is_dense():
+    field = _roughen(_field(blob_density=50.0, blob_radius=10.0))  # positive bias everywhere
+    x = torch.tensor([[0.99, 0.0, 0.0], [1.01, 0.0, 0.0], [0.0, -1.2, 0.0], [0.5, 0.5, 3.0]])
+    sigma = field.density(x)
+    assert sigma[0] > 1 and torch.equal(sigma[1:], torch.zeros(3))
+
+
+def test_trunc_exp_values_and_clamped_gradient():
+    x = torch.tensor([-3.0, 0.0, 5.0, 14.0, 20.0], dtype=torch.float64, requires_grad=True)
+    y = trunc_exp(x)
+    assert torch.allclose(y, torch.exp(x))
+    (g,) = torch.autograd.grad(y.sum(), x)
+    assert torch.allclose(g, torch.exp(x.detach().clamp(max=15.0)))
+    small = torch.tensor([-1.0, 0.5, 2.0], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(trunc_exp, (small,))
+    assert torch.autograd.gradgradcheck(trunc_exp, (small,))
+
+
+def test_density_gradient_reaches_the_hash_table_and_mlp():
+    field = _roughen(_field(), 0.1)
+    x = _sphere_points(64, 0.4)
+    sigma, albedo = field(x)
+    (sigma.sum() + albedo.sum()).backward()
+    assert field.encoding.params.grad.abs().sum() > 0
+    assert all(p.grad.abs().sum() > 0 for p in field.mlp.parameters())
+
+
+# --------------------------------------------------------------------------- normals
+
+
+@pytest.mark.parametrize("method", ["finite_difference", "analytic"])
+def test_normals_of_the_blob_point_outward(method):
+    field = _field(bound=2.0, normal_method=method)
+    x = _sphere_points(200, 0.3)
+    n = field.normals(x)
+    assert torch.allclose(n.norm(dim=-1), torch.ones(200), atol=1e-5)
+    cos = (n * F.normalize(x, dim=-1)).sum(-1)
+    assert cos.min() > 0.999
+
+
+def test_analytic_and_finite_difference_normals_agree_on_a_smooth_field():
+    # A field with order-1 hash features and a non-trivial MLP; points kept away from the cell
+    # faces of every level (where trilinear interpolation has kinks) and from the box border.
+    fd = _roughen(_field(normal_method="finite_difference", blob_density=5.0, blob_radius=0.8), 0.3)
+    an = _field(normal_method="analytic", blob_density=5.0, blob_radius=0.8)
+    an.load_state_dict(fd.state_dict())
+    g = torch.Generator().manual_seed(2)
+    x = (torch.rand(4000, 3, generator=g) * 2 - 1) * 0.6
+    u = (x + 1.0) / 2.0
+    eps_u = 2 * fd.normal_eps / 2.0
+    far_from_faces = torch.ones(len(x), dtype=torch.bool)
+    for level in range(SMALL["n_levels"]):
+        scale = 2.0**level * SMALL["base_resolution"] - 1
+        frac = (scale * u + 0.5).frac()
+        far_from_faces &= ((frac > scale * eps_u) & (frac < 1 - scale * eps_u)).all(-1)
+    x = x[far_from_faces][:500]
+    assert len(x) > 100
+    n_fd, n_an = fd.normals(x), an.normals(x)
+    cos = (n_fd * n_an).sum(-1)
+    # the MLP's ReLU kinks can still sit between the FD points: allow a few outliers
+    assert cos.median() > 0.9999
+    assert (cos > 0.995).float().mean() > 0.95
+
+
+def test_finite_difference_normals_hand_check_against_density():
+    field = _roughen(_field(normal_method="finite_difference"), 0.2)
+    x = _sphere_points(5, 0.3)
+    e = field.normal_eps
+    grad = torch.stack(
+        [(field.density(x + e * v) - field.density(x - e * v)) / (2 * e) for v in torch.eye(3)], dim=-1
+    )
+    assert torch.allclose(field.normals(x), -F.normalize(grad, dim=-1), atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["finite_difference", "analytic"])
+def test_a_loss_on_normals_trains_the_field(method):
+    field = _roughen(_field(normal_method=method), 0.1)
+    x = _sphere_points(64, 0.5)
+    n = field.normals(x)
+    assert n.requires_grad
+    (n[:, 0].sum()).backward()
+    assert field.encoding.params.grad.abs().sum() > 0
+
+
+def test_analytic_normals_under_no_grad_are_detached():
+    field = _field(normal_method="analytic")
+    with torch.no_grad():
+        n = field.normals(_sphere_points(8, 0.3))
+    assert not n.requires_grad
+
+
+# --------------------------------------------------------------------------- background
+
+
+def test_frequency_encoding_hand_values():
+    x = torch.tensor([[0.5, 0.0, -0.25]])
+    out = frequency_encoding(x, 2)
+    angles = torch.tensor([0.5 * math.pi, math.pi, 0.0, 0.0, -0.25 * math.pi, -0.5 * math.pi])
+    assert torch.allclose(out, torch.cat([x[0], torch.sin(angles), torch.cos(angles)])[None], atol=1e-6)
+
+
+def test_solid_background_is_its_colour_and_has_no_state():
+    bg = Background(kind="solid", color=(0.1, 0.2, 0.3), random_solid_prob=0.5)
+    dirs = F.normalize(torch.randn(7, 3), dim=-1)
+    assert torch.allclose(bg(dirs), torch.tensor([[0.1, 0.2, 0.3]] * 7))
+    assert bg.state_dict() == {} and list(bg.parameters()) == []
+    assert bg.random_solid_prob == 0.5
+
+
+def test_mlp_background_depends_on_direction_and_learns():
+    torch.manual_seed(0)
+    bg = Background(kind="mlp")
+    dirs = F.normalize(torch.randn(64, 3), dim=-1)
+    rgb = bg(dirs)
+    assert rgb.shape == (64, 3) and ((rgb > 0) & (rgb < 1)).all()
+    assert rgb.std(0).min() > 1e-3  # not a constant
+    assert set(bg.state_dict()) == {"mlp.0.weight", "mlp.0.bias", "mlp.2.weight", "mlp.2.bias"}
+    # it can learn a direction-dependent colour (a sky gradient)
+    target = 0.1 + 0.8 * (dirs + 1) / 2
+    opt = torch.optim.Adam(bg.parameters(), lr=0.02)
+    first = ((bg(dirs) - target) ** 2).mean().item()
+    for _ in range(300):
+        opt.zero_grad()
+        ((bg(dirs) - target) ** 2).mean().backward()
+        opt.step()
+    last = ((bg(dirs) - target) ** 2).mean().item()
+    assert last < 2e-3 < first
+
+
+def test_background_rejects_unknown_kind():
+    with pytest.raises(ValueError, match="kind"):
+        Background(kind="hdri")
+
+
+# --------------------------------------------------------------------------- with the renderer
+
+
+def test_initial_field_renders_a_centred_blob():
+    from nfsd_nerf.cameras import orbit_cameras
+    from nfsd_nerf.render import OccupancyGrid, render_image, step_size_from_samples
+
+    field = _field(bound=1.0, blob_density=10.0, blob_radius=0.5)
+    bg = Background(kind="solid", color=(1.0, 1.0, 1.0))
+    grid = OccupancyGrid(1.0, 16)
+    grid.update(0, field.density, step_size=step_size_from_samples(1.0, 64), generator=torch.Generator().manual_seed(0))
+    assert grid.occupied_fraction() < 0.2  # only the blob's cells survive
+    with torch.no_grad():
+        img = render_image(field, bg, orbit_cameras(2), 16, 16, occupancy=grid, n_samples=64, shading="lambertian",
+                           need_normals=True)
+    assert img["opacity"][:, 7:9, 7:9].min() > 0.95
+    assert img["opacity"][:, 0, 0].max() < 1e-3
+    assert torch.allclose(img["rgb"][:, 0, 0], torch.ones(2, 3))
+    # Lambertian: the blob is brighter lit from the camera than from behind it
+    cams = orbit_cameras(2)
+    with torch.no_grad():
+        behind = render_image(field, bg, cams, 16, 16, occupancy=grid, n_samples=64, shading="lambertian",
+                              light_positions=-cams.light_positions)
+    centre = (slice(None), slice(7, 9), slice(7, 9))
+    assert (img["rgb"][centre] > behind["rgb"][centre] + 0.1).all()
+    # the weighted normal at the centre faces the camera
+    from nfsd_nerf.cameras import generate_rays
+
+    _, d = generate_rays(cams, 16, 16)
+    facing = -(F.normalize(img["normal"], dim=-1) * d).sum(-1)
+    assert facing[centre].min() > 0.5

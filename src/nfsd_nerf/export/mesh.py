@@ -371,7 +371,39 @@ def unwrap_uv(
         out_faces[idx] = indices.astype(np.int64) + offset
         uvs.append(uv)
         offset += len(vmapping)
-    return np.concatenate(vertex_ids), out_faces, np.concatenate(uvs).astype(np.float64)
+    vertex_ids, uvs = np.concatenate(vertex_ids), np.concatenate(uvs).astype(np.float64)
+    return _chart_skipped_faces(vertices.astype(np.float64), vertex_ids, out_faces, uvs)
+
+
+def _chart_skipped_faces(
+    vertices: np.ndarray, vertex_ids: np.ndarray, faces: np.ndarray, uv: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """xatlas leaves near-zero-area triangles (marching-cubes slivers) out of every chart, their
+    corners at UV (0, 0). Give each such face three fresh corners that all sit at the UV of the
+    charted vertex nearest to the face in 3D: a zero-area UV triangle (never rasterized, so it
+    cannot paint over other charts) that shows the colour around the sliver.
+
+    vertices [V, 3] of the input mesh; vertex_ids [V'], faces [F, 3] into V', uv [V', 2] as from
+    :func:`unwrap_uv` -> the same three arrays, unreferenced vertices dropped.
+    """
+    corners = uv[faces]
+    e1, e2 = corners[:, 1] - corners[:, 0], corners[:, 2] - corners[:, 0]
+    twice_area = np.abs(e1[:, 0] * e2[:, 1] - e1[:, 1] * e2[:, 0])
+    skipped = (twice_area == 0) & (np.abs(corners).sum(axis=(1, 2)) == 0)
+    if not skipped.any() or skipped.all():
+        return vertex_ids, faces, uv
+    from scipy.spatial import cKDTree
+
+    donors = np.unique(faces[~skipped])
+    centroids = vertices[vertex_ids[faces[skipped]]].mean(axis=1)
+    _, nearest = cKDTree(vertices[vertex_ids[donors]]).query(centroids)
+    n_old, n_new = len(vertex_ids), 3 * int(skipped.sum())
+    vertex_ids = np.concatenate([vertex_ids, vertex_ids[faces[skipped]].ravel()])
+    uv = np.concatenate([uv, np.repeat(uv[donors[nearest]], 3, axis=0)])
+    faces = faces.copy()
+    faces[skipped] = np.arange(n_old, n_old + n_new).reshape(-1, 3)
+    used, inverse = np.unique(faces, return_inverse=True)
+    return vertex_ids[used], inverse.reshape(-1, 3), uv[used]
 
 
 def rasterize_uv(uv: np.ndarray, faces: np.ndarray, size: int, max_pairs: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,580 @@
+"""Multiresolution hash encoding (Instant-NGP) with tiny-cuda-nn's exact semantics.
+
+Two backends compute the same function from the same flat parameter vector ``params``, so a
+checkpoint trained on a GPU with tinycudann renders on a CPU with PyTorch, and back
+(DESIGN.md section 5; source: tiny-cuda-nn ``encodings/grid.h`` and ``common_device.h``).
+Per level ``l`` and input ``x`` in [0, 1]^3:
+
+.. math::
+
+    s_l = 2^{l \\log_2 b} \\cdot R - 1 \\ \\text{(float32)}, \\quad
+    r_l = \\lceil s_l \\rceil + 1, \\quad
+    p = s_l x + 0.5 \\ \\text{(one rounding, like fmaf)}, \\quad
+    c = \\lfloor p \\rfloor, \\quad f = p - c
+
+The 8 corners ``c + (i, j, k)`` are looked up in the level's table and blended with trilinear
+weights. A level's table holds ``T_l = min(next_multiple_of_8(r_l^3), 2^log2_hashmap_size)``
+entries of ``F`` features; it is indexed densely (``x + y r + z r^2``, uint32) when
+``r_l <= 1625`` and ``r_l^3 <= T_l``, otherwise by the hash
+``x * 1 ^ y * 2654435761 ^ z * 805459861`` (uint32); both then ``% T_l``. Note that a corner
+may sit at coordinate ``r_l`` (points near the +x/+y/+z faces): the dense index then wraps into
+the next row, exactly as tcnn's does. Tables are stored one after another: parameter address
+``(level_offset + index) * F + feature``; output column ``level * F + feature``.
+
+Inputs outside [0, 1] are clamped to the unit cube (NaN becomes 0): tcnn would wrap them in
+uint32 arithmetic, which no caller wants (the field gives zero density outside its box).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Literal, NamedTuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .errors import UserError
+
+HASH_PRIMES = (1, 2654435761, 805459861)
+"""tcnn's "CoherentPrime" hash factors for x, y, z (uint32)."""
+
+MAX_DENSE_RESOLUTION = 1625
+"""tcnn indexes a level densely only up to this resolution (1625^3 < 2^32 <= 1626^3)."""
+
+_MAX_PARAMS_PER_LEVEL = (2**32 - 1) // 2
+_PARALLEL_MIN_CORNERS = 1 << 18  # below this, thread start-up costs more than it saves
+
+Backend = Literal["auto", "tcnn", "torch"]
+
+
+# --------------------------------------------------------------------------------------------
+# Layout: per-level scales, resolutions and table sizes (host-side, exactly as tcnn computes them)
+
+
+def level_scales(n_levels: int, base_resolution: int, per_level_scale: float) -> list[float]:
+    """tcnn's ``grid_scale`` per level, in float32: ``exp2f(l * log2f(b)) * R - 1``.
+
+    ``exp2`` and ``log2`` are evaluated in float64 and rounded once to float32 (correctly
+    rounded, as glibc's float functions are on the host).
+    """
+    f32 = np.float32
+    log2_scale = f32(math.log2(float(f32(per_level_scale))))
+    scales = []
+    for level in range(n_levels):
+        exponent = f32(f32(level) * log2_scale)
+        power = f32(2.0 ** float(exponent))
+        scales.append(float(f32(power * f32(base_resolution)) - f32(1.0)))
+    return scales
+
+
+@dataclass(frozen=True)
+class HashGridLayout:
+    """Where each level lives in the flat parameter vector, and how it is indexed."""
+
+    scales: tuple[float, ...]
+    """Per level: grid scale s_l (float32 values)."""
+    resolutions: tuple[int, ...]
+    """Per level: vertices per axis, ceil(s_l) + 1."""
+    table_sizes: tuple[int, ...]
+    """Per level: table entries T_l (each entry holds F features)."""
+    offsets: tuple[int, ...]
+    """Entry offset of each level (length n_levels + 1; the last is the total entry count)."""
+    dense: tuple[bool, ...]
+    """Per level: indexed densely (True) or hashed (False)."""
+    n_features_per_level: int
+
+    @property
+    def n_levels(self) -> int:
+        return len(self.scales)
+
+    @property
+    def n_entries(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def n_params(self) -> int:
+        return self.offsets[-1] * self.n_features_per_level
+
+
+def hash_grid_layout(
+    n_levels: int,
+    n_features_per_level: int,
+    log2_hashmap_size: int,
+    base_resolution: int,
+    per_level_scale: float,
+) -> HashGridLayout:
+    """The parameter layout tcnn's ``GridEncodingTemplated`` constructor builds (3-D, Hash)."""
+    scales = level_scales(n_levels, base_resolution, per_level_scale)
+    resolutions, sizes, offsets, dense = [], [], [0], []
+    for scale in scales:
+        res = int(math.ceil(scale)) + 1
+        # tcnn: pow((float)res, 3) > (float)max_params ? max_params : res^3; next_multiple(., 8)
+        n_dense = _MAX_PARAMS_PER_LEVEL if float(res) ** 3 > float(np.float32(_MAX_PARAMS_PER_LEVEL)) else res**3
+        size = min(-(-n_dense // 8) * 8, 1 << log2_hashmap_size)
+        resolutions.append(res)
+        sizes.append(size)
+        offsets.append(offsets[-1] + size)
+        dense.append(res <= MAX_DENSE_RESOLUTION and res**3 <= size)
+    return HashGridLayout(
+        scales=tuple(scales),
+        resolutions=tuple(resolutions),
+        table_sizes=tuple(sizes),
+        offsets=tuple(offsets),
+        dense=tuple(dense),
+        n_features_per_level=n_features_per_level,
+    )
+
+
+def _check_hyperparameters(n_levels, n_features_per_level, log2_hashmap_size, base_resolution, per_level_scale):
+    if not isinstance(n_levels, int) or not 1 <= n_levels <= 128:
+        raise UserError(f"hash grid n_levels must be an integer in [1, 128], got {n_levels!r}")
+    if n_features_per_level not in (1, 2, 4, 8):
+        raise UserError(f"hash grid n_features_per_level must be 1, 2, 4 or 8 (as in tcnn), got {n_features_per_level!r}")
+    if not isinstance(log2_hashmap_size, int) or not 1 <= log2_hashmap_size <= 30:
+        raise UserError(f"hash grid log2_hashmap_size must be an integer in [1, 30], got {log2_hashmap_size!r}")
+    if not isinstance(base_resolution, int) or not 1 <= base_resolution <= 2**20:
+        raise UserError(f"hash grid base_resolution must be a positive integer, got {base_resolution!r}")
+    if not isinstance(per_level_scale, (int, float)) or not 1.0 <= per_level_scale <= 16.0:
+        raise UserError(f"hash grid per_level_scale must be a number in [1, 16], got {per_level_scale!r}")
+    finest = base_resolution * float(per_level_scale) ** (n_levels - 1)
+    if finest > 2**22:
+        raise UserError(f"hash grid finest resolution {finest:.0f} is too large (base_resolution * per_level_scale^(n_levels-1) must be <= 2^22)")
+
+
+# --------------------------------------------------------------------------------------------
+# CPU allocator
+
+
+def tune_cpu_allocator() -> bool:
+    """Keep freed memory in the process instead of returning it to the OS (glibc only).
+
+    By default glibc serves allocations above ~128 KiB-32 MiB with fresh ``mmap`` pages and
+    unmaps them on free, so every large PyTorch temporary pays one page fault per 4 KiB on
+    first touch. In a VM that is most of the time of an elementwise op: measured here, the
+    hash grid's forward+backward runs 2-4x faster after this call. Process-wide and
+    irreversible; call it once at program start for CPU work. Returns whether it was applied.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3
+        ok = libc.mallopt(m_mmap_threshold, 1 << 30)
+        ok &= libc.mallopt(m_trim_threshold, (1 << 31) - 1)
+        ok &= libc.mallopt(m_top_pad, 64 << 20)
+        return bool(ok)
+    except (OSError, AttributeError):
+        return False
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch backend: pure functions on a level-major, structure-of-arrays layout
+#   cell, frac [L, 3, N]; corner indices [L, 8, N]; corner weights/values [L, 8, N, F]
+#   corner k = i + 2 j + 4 k' means offset (i, j, k') along (x, y, z), like tcnn's bit order.
+
+
+class _Grid(NamedTuple):
+    """Per-level constants for one forward call (tensors on the input's device)."""
+
+    scales: Tensor  # [L] float64 (float32 values)
+    resolutions: Tensor  # [L] int
+    table_sizes: Tensor  # [L] int
+    offsets: Tensor  # [L] int, entry offset of each level
+    runs: tuple  # ((start, stop, dense), ...) maximal runs of same-kind levels
+    hash_mask: int  # 2^log2_hashmap_size - 1 (every hashed level has exactly that many entries)
+    n_features: int
+    n_entries: int
+
+
+def _run_levels(dense: tuple[bool, ...]) -> tuple:
+    """Maximal runs ``(start, stop, dense)`` of consecutive levels indexed the same way."""
+    runs, start = [], 0
+    for level in range(1, len(dense) + 1):
+        if level == len(dense) or dense[level] != dense[start]:
+            runs.append((start, level, dense[start]))
+            start = level
+    return tuple(runs)
+
+
+def _cell_and_frac(x: Tensor, scales: Tensor, dtype: torch.dtype, index_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """x [N, 3] in [0, 1] -> (cell [L, 3, N] integer, frac [L, 3, N] ``dtype``).
+
+    ``pos = scale * x + 0.5`` is formed in float64 (the product of two float32 is exact) and
+    rounded once to float32: tcnn's ``fmaf``. Differentiable w.r.t. x through ``frac``.
+    """
+    pos = torch.addcmul(torch.tensor(0.5, dtype=torch.float64, device=x.device), x.t().to(torch.float64)[None], scales[:, None, None])
+    pos = pos.to(dtype)
+    cell = torch.floor(pos)
+    return cell.to(index_dtype), pos - cell
+
+
+def _corner_indices(cell: Tensor, grid: _Grid) -> Tensor:
+    """cell [L, 3, N] -> table entry of each corner, level offset included [L, 8, N].
+
+    Hash arithmetic in int32 wraps like uint32 in the low bits, which is all ``& mask`` keeps.
+    """
+    n_levels, _, n = cell.shape
+    dtype = cell.dtype
+    out = torch.empty(n_levels, 2, 2, 2, n, dtype=dtype, device=cell.device)  # [L, z, y, x, N]
+    p1 = HASH_PRIMES[1] - 2**32 if dtype == torch.int32 else HASH_PRIMES[1]
+    p2 = HASH_PRIMES[2]
+    for start, stop, dense in grid.runs:
+        if start >= n_levels:
+            break
+        stop = min(stop, n_levels)
+        cx, cy, cz = cell[start:stop].unbind(1)  # [Lr, N] each
+        block = out[start:stop]
+        offsets = grid.offsets[start:stop, None].to(dtype)
+        if dense:
+            res = grid.resolutions[start:stop, None].to(dtype)
+            xs = torch.stack([cx, cx + 1], 1)  # [Lr, 2, N]
+            y0 = cy * res
+            ys = torch.stack([y0, y0 + res], 1)
+            z0 = cz * (res * res)
+            zs = torch.stack([z0, z0 + res * res], 1)
+            torch.add(zs[:, :, None, None], (ys[:, :, None] + xs[:, None, :])[:, None], out=block)
+            flat = block.view(stop - start, -1)
+            torch.remainder(flat, grid.table_sizes[start:stop, None].to(dtype), out=flat)
+        else:
+            mask = grid.hash_mask
+            xs = torch.stack([cx, cx + 1], 1).bitwise_and_(mask)
+            y0 = cy * p1
+            ys = torch.stack([y0, y0 + p1], 1).bitwise_and_(mask)
+            z0 = cz * p2
+            zs = torch.stack([z0, z0 + p2], 1).bitwise_and_(mask)
+            torch.bitwise_xor(zs[:, :, None, None], (ys[:, :, None] ^ xs[:, None, :])[:, None], out=block)
+            flat = block.view(stop - start, -1)
+        flat += offsets
+    return out.view(n_levels, 8, n)
+
+
+def _corner_weights(frac: Tensor, n_features: int) -> Tensor:
+    """frac [L, 3, N] -> trilinear weight of each corner, repeated per feature [L, 8, N, F].
+
+    Repeating over F keeps every later product a plain contiguous elementwise op (fast on
+    CPU); tcnn's order ``(w_x * w_y) * w_z`` is kept, so the weights are bit-identical.
+    """
+    n_levels, _, n = frac.shape
+    fr = frac[..., None].expand(n_levels, 3, n, n_features)
+    if frac.requires_grad:
+        w1 = torch.stack([1 - fr, fr], 2)  # [L, 3, 2, N, F]
+    else:  # same values without stack's extra copy
+        w1 = torch.empty(n_levels, 3, 2, n, n_features, dtype=frac.dtype, device=frac.device)
+        torch.sub(1.0, fr, out=w1[:, :, 0])
+        w1[:, :, 1] = fr
+    wx, wy, wz = w1.unbind(1)  # [L, 2, N, F]
+    wxy = wy[:, :, None] * wx[:, None, :]  # [L, y, x, N, F]
+    return torch.mul(wz[:, :, None, None], wxy[:, None]).view(n_levels, 8, n, n_features)
+
+
+def _param_units(params: Tensor, n_features: int) -> tuple[Tensor, int]:
+    """View params as gather units: complex pairs of features when F is even (one 8-byte load
+    per corner for F = 2), plain floats otherwise. Returns (units [n_units], units per entry)."""
+    if n_features % 2 == 0:
+        return torch.view_as_complex(params.view(-1, 2)), n_features // 2
+    return params, n_features
+
+
+def _unit_indices(idx: Tensor, units_per_entry: int) -> Tensor:
+    """Corner entry indices [L, 8, N] -> unit indices, flat [L * 8 * N * U]."""
+    if units_per_entry == 1:
+        return idx.reshape(-1)
+    lanes = torch.arange(units_per_entry, dtype=idx.dtype, device=idx.device)
+    return (idx[..., None] * units_per_entry + lanes).reshape(-1)
+
+
+_pool: ThreadPoolExecutor | None = None
+_pool_workers = 0
+
+
+def _for_level_chunks(n_levels: int, per_level: int, device: torch.device, fn: Callable[[int, int], object]) -> None:
+    """Run ``fn(begin, end)`` over [0, n_levels * per_level), split by level across threads.
+
+    ``index_select`` on 1-D tensors and ``index_add_`` run on one core in PyTorch; different
+    levels touch disjoint parts of the table, so chunks by level can run concurrently
+    (PyTorch releases the GIL inside ops).
+    """
+    global _pool, _pool_workers
+    n_threads = min(torch.get_num_threads(), n_levels)
+    total = n_levels * per_level
+    if device.type != "cpu" or n_threads < 2 or total < _PARALLEL_MIN_CORNERS or torch.is_grad_enabled():
+        fn(0, total)
+        return
+    if _pool is None or _pool_workers != n_threads - 1:
+        if _pool is not None:
+            _pool.shutdown(wait=False)
+        _pool, _pool_workers = ThreadPoolExecutor(n_threads - 1, thread_name_prefix="hashgrid"), n_threads - 1
+    bounds = [round(i * n_levels / n_threads) * per_level for i in range(n_threads + 1)]
+    futures = [_pool.submit(torch.no_grad()(fn), bounds[i], bounds[i + 1]) for i in range(1, n_threads)]  # grad mode is per thread
+    fn(bounds[0], bounds[1])
+    for future in futures:
+        future.result()
+
+
+def _gather_corners(params: Tensor, uidx: Tensor, n_levels: int, n: int, n_features: int) -> Tensor:
+    """Table values at every corner [L, 8, N, F] (not differentiable; see ``_input_grad``)."""
+    units, _ = _param_units(params, n_features)
+    vals = torch.empty(uidx.numel(), dtype=units.dtype, device=units.device)
+
+    def gather(begin: int, end: int) -> None:
+        torch.index_select(units, 0, uidx[begin:end], out=vals[begin:end])
+
+    _for_level_chunks(n_levels, uidx.numel() // n_levels, units.device, gather)
+    if vals.is_complex():
+        vals = torch.view_as_real(vals)
+    return vals.view(n_levels, 8, n, n_features)
+
+
+def _scatter_corners(src: Tensor, uidx: Tensor, n_params: int, n_features: int) -> Tensor:
+    """Sum corner contributions src [L, 8, N, F] into a dense table gradient [n_params]."""
+    n_levels = src.shape[0]
+    if n_features % 2 == 0:
+        src_units = torch.view_as_complex(src.view(-1, 2))
+    else:
+        src_units = src.reshape(-1)
+    n_units = n_params // 2 if src_units.is_complex() else n_params
+    grad = torch.zeros(n_units, dtype=src_units.dtype, device=src.device)
+
+    def scatter(begin: int, end: int) -> None:
+        grad.index_add_(0, uidx[begin:end], src_units[begin:end])
+
+    _for_level_chunks(n_levels, uidx.numel() // n_levels, src.device, scatter)
+    return torch.view_as_real(grad).view(-1) if grad.is_complex() else grad
+
+
+def _interpolate(vals: Tensor, weights: Tensor) -> Tensor:
+    """Blend the 8 corners: vals, weights [L, 8, N, F] -> encoding [N, L * F].
+
+    Accumulates corners in tcnn's order k = 0..7.
+    """
+    acc = vals[:, 0] * weights[:, 0]  # [L, N, F]
+    for k in range(1, 8):
+        acc.addcmul_(vals[:, k], weights[:, k])
+    n_levels, n, n_features = acc.shape
+    return acc.transpose(0, 1).reshape(n, n_levels * n_features)
+
+
+def _levels_first(grad_out: Tensor, n_levels: int, n_features: int) -> Tensor:
+    """grad_out [N, L * F] -> [L, N, F] contiguous."""
+    return grad_out.reshape(-1, n_levels, n_features).transpose(0, 1).contiguous()
+
+
+def _input_grad(x: Tensor, params: Tensor, grad_out: Tensor, uidx: Tensor, grid: _Grid, n_levels: int) -> Tensor:
+    """dL/dx [N, 3] from dL/dy [N, L * F]: sum over levels of s_l * dL/dfrac.
+
+    Written with differentiable ops on (x, params, grad_out), so that autograd can
+    differentiate it again (analytic normals inside a loss, ``create_graph=True``).
+    """
+    n, n_features = x.shape[0], grid.n_features
+    _, frac = _cell_and_frac(x, grid.scales[:n_levels], params.dtype, torch.int32)  # [L, 3, N]
+    if torch.is_grad_enabled():
+        units, _ = _param_units(params, n_features)
+        vals = units.index_select(0, uidx)
+        vals = (torch.view_as_real(vals) if vals.is_complex() else vals).view(n_levels, 8, n, n_features)
+    else:
+        vals = _gather_corners(params, uidx, n_levels, n, n_features)
+    g = grad_out.reshape(n, n_levels, n_features).transpose(0, 1)  # [L, N, F]
+    gv = (vals * g[:, None]).sum(-1).view(n_levels, 2, 2, 2, n)  # [L, z, y, x, N]
+    fx, fy, fz = frac.unbind(1)  # [L, N]
+    wx, wy, wz = (torch.stack([1 - f, f], 1) for f in (fx, fy, fz))  # [L, 2, N]
+    dx = ((gv[:, :, :, 1] - gv[:, :, :, 0]) * (wz[:, :, None] * wy[:, None, :])).sum((1, 2))
+    dy = ((gv[:, :, 1] - gv[:, :, 0]) * (wz[:, :, None] * wx[:, None, :])).sum((1, 2))
+    dz = ((gv[:, 1] - gv[:, 0]) * (wy[:, :, None] * wx[:, None, :])).sum((1, 2))
+    dfrac = torch.stack([dx, dy, dz], -1)  # [L, N, 3]
+    return (dfrac * grid.scales[:n_levels, None, None].to(dfrac.dtype)).sum(0).to(x.dtype)
+
+
+class _HashGridFunction(torch.autograd.Function):
+    """Forward gathers with ``index_select``; backward scatters with ``index_add_`` into a dense
+    gradient (much faster on CPU than autograd through ``F.embedding``)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, params: Tensor, grid: _Grid, n_levels: int) -> Tensor:
+        n, n_features = x.shape[0], grid.n_features
+        index_dtype = torch.int32 if grid.n_entries * n_features < 2**31 else torch.int64
+        cell, frac = _cell_and_frac(x, grid.scales[:n_levels], params.dtype, index_dtype)
+        idx = _corner_indices(cell, grid)  # [L, 8, N]
+        _, units_per_entry = _param_units(params, n_features)
+        uidx = _unit_indices(idx, units_per_entry)
+        weights = _corner_weights(frac, n_features)  # [L, 8, N, F]
+        vals = _gather_corners(params, uidx, n_levels, n, n_features)
+        ctx.save_for_backward(x, params, uidx, weights)
+        ctx.grid, ctx.n_levels = grid, n_levels
+        return _interpolate(vals, weights)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, params, uidx, weights = ctx.saved_tensors
+        grid, n_levels = ctx.grid, ctx.n_levels
+        grad_x = grad_params = None
+        if ctx.needs_input_grad[1]:
+            if torch.is_grad_enabled() and x.requires_grad:  # double backward: weights as a function of x
+                _, frac = _cell_and_frac(x, grid.scales[:n_levels], params.dtype, torch.int32)
+                weights = _corner_weights(frac, grid.n_features)
+            g = _levels_first(grad_out, n_levels, grid.n_features)  # [L, N, F]
+            src = weights * g[:, None]  # [L, 8, N, F]
+            grad_params = _scatter_corners(src, uidx, params.numel(), grid.n_features)
+        if ctx.needs_input_grad[0]:
+            grad_x = _input_grad(x, params, grad_out, uidx, grid, n_levels)
+        return grad_x, grad_params, None, None
+
+
+# --------------------------------------------------------------------------------------------
+# Module
+
+
+_warned_tcnn_fallback = False
+
+
+def tcnn_available() -> bool:
+    """True when CUDA works and ``import tinycudann`` succeeds (it refuses to import without CUDA)."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import tinycudann  # noqa: F401
+    except Exception:  # ImportError, or EnvironmentError from its compute-capability probe
+        return False
+    return True
+
+
+def _resolve_backend(backend: str) -> str:
+    global _warned_tcnn_fallback
+    if backend not in ("auto", "tcnn", "torch"):
+        raise UserError(f"hash grid backend must be 'auto', 'tcnn' or 'torch', got {backend!r}")
+    if backend == "torch":
+        return "torch"
+    if tcnn_available():
+        return "tcnn"
+    if backend == "tcnn" and not _warned_tcnn_fallback:
+        warnings.warn("backend='tcnn' was asked for but CUDA or tinycudann is unavailable; using the PyTorch hash grid (same function)", stacklevel=3)
+        _warned_tcnn_fallback = True
+    return "torch"
+
+
+class HashGridEncoding(nn.Module):
+    """Instant-NGP hash grid, x [N, 3] in [0, 1] -> features [N, n_levels * n_features_per_level].
+
+    ``params`` is one flat float32 vector in tcnn's layout and the only ``state_dict`` entry,
+    identical for both backends. ``backend`` tells the resolved backend ("tcnn" or "torch");
+    the tcnn module is used for CUDA inputs only, CPU inputs always take the PyTorch path.
+    ``active_levels`` (default: all) zeroes the output columns of finer levels, for
+    coarse-to-fine training; the PyTorch path then skips their work.
+
+    Examples:
+        >>> enc = HashGridEncoding(n_levels=4, log2_hashmap_size=12, backend="torch")
+        >>> enc(torch.rand(5, 3)).shape
+        torch.Size([5, 8])
+    """
+
+    def __init__(
+        self,
+        n_levels: int = 16,
+        n_features_per_level: int = 2,
+        log2_hashmap_size: int = 19,
+        base_resolution: int = 16,
+        per_level_scale: float = 1.447269,
+        backend: Backend = "auto",
+    ):
+        super().__init__()
+        _check_hyperparameters(n_levels, n_features_per_level, log2_hashmap_size, base_resolution, per_level_scale)
+        self.n_levels = n_levels
+        self.n_features_per_level = n_features_per_level
+        self.log2_hashmap_size = log2_hashmap_size
+        self.base_resolution = base_resolution
+        self.per_level_scale = float(per_level_scale)
+        self.n_input_dims = 3
+        self.n_output_dims = n_levels * n_features_per_level
+        self.active_levels = n_levels
+        self.layout = hash_grid_layout(n_levels, n_features_per_level, log2_hashmap_size, base_resolution, per_level_scale)
+        assert all(d or t == 1 << log2_hashmap_size for d, t in zip(self.layout.dense, self.layout.table_sizes))
+        self._runs = _run_levels(self.layout.dense)
+
+        self.params = nn.Parameter(torch.empty(self.layout.n_params, dtype=torch.float32).uniform_(-1e-4, 1e-4))
+        self.register_buffer("level_scales", torch.tensor(self.layout.scales, dtype=torch.float64), persistent=False)
+        self.register_buffer("level_resolutions", torch.tensor(self.layout.resolutions, dtype=torch.int64), persistent=False)
+        self.register_buffer("level_table_sizes", torch.tensor(self.layout.table_sizes, dtype=torch.int64), persistent=False)
+        self.register_buffer("level_offsets", torch.tensor(self.layout.offsets[:-1], dtype=torch.int64), persistent=False)
+
+        self.backend = _resolve_backend(backend)
+        self._tcnn: tuple = ()  # the tinycudann module, deliberately not a registered submodule
+        if self.backend == "tcnn":
+            self._tcnn = (self._build_tcnn(),)
+
+    def tcnn_encoding_config(self) -> dict:
+        """The ``encoding_config`` dict for ``tinycudann.Encoding``."""
+        return {
+            "otype": "HashGrid",
+            "n_levels": self.n_levels,
+            "n_features_per_level": self.n_features_per_level,
+            "log2_hashmap_size": self.log2_hashmap_size,
+            "base_resolution": self.base_resolution,
+            "per_level_scale": self.per_level_scale,
+        }
+
+    def _build_tcnn(self) -> nn.Module:
+        import tinycudann as tcnn
+
+        module = tcnn.Encoding(3, self.tcnn_encoding_config(), dtype=torch.float32)
+        if module.n_output_dims != self.n_output_dims or module.params.numel() != self.params.numel():
+            raise RuntimeError(
+                f"tinycudann HashGrid disagrees with our layout: {module.n_output_dims} outputs and "
+                f"{module.params.numel()} params, expected {self.n_output_dims} and {self.params.numel()}"
+            )
+        module.params = self.params  # one Parameter read by both backends
+        return module
+
+    def _grid(self) -> _Grid:
+        scales = self.level_scales
+        if scales.dtype != torch.float64:  # e.g. after module.half(): rebuild exactly
+            scales = torch.tensor(self.layout.scales, dtype=torch.float64, device=scales.device)
+        return _Grid(
+            scales=scales,
+            resolutions=self.level_resolutions,
+            table_sizes=self.level_table_sizes,
+            offsets=self.level_offsets,
+            runs=self._runs,
+            hash_mask=(1 << self.log2_hashmap_size) - 1,
+            n_features=self.n_features_per_level,
+            n_entries=self.layout.n_entries,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x [N, 3] in [0, 1] (clamped) -> [N, n_output_dims] float32."""
+        if x.dim() != 2 or x.shape[1] != 3:
+            raise ValueError(f"HashGridEncoding expects x of shape [N, 3], got {tuple(x.shape)}")
+        n_active = max(0, min(int(self.active_levels), self.n_levels))
+        x = torch.nan_to_num(x, nan=0.0).clamp(0.0, 1.0)
+        n_features = self.n_features_per_level
+        if n_active == 0 or x.shape[0] == 0:
+            return x.new_zeros(x.shape[0], self.n_output_dims, dtype=self._compute_dtype()) + 0 * self.params[0]
+
+        if self.backend == "tcnn" and x.is_cuda and self.params.is_cuda:
+            module = self._tcnn[0]
+            if module.params is not self.params:  # e.g. the module's parameters were swapped by .to()
+                module.params = self.params
+            out = module(x).float()
+            if n_active < self.n_levels:
+                out = F.pad(out[:, : n_active * n_features], (0, (self.n_levels - n_active) * n_features))
+            return out
+
+        params = self.params
+        if params.dtype not in (torch.float32, torch.float64):
+            params = params.float()
+        out = _HashGridFunction.apply(x, params, self._grid(), n_active)
+        if n_active < self.n_levels:
+            out = F.pad(out, (0, (self.n_levels - n_active) * n_features))
+        return out
+
+    def _compute_dtype(self) -> torch.dtype:
+        return torch.float64 if self.params.dtype == torch.float64 else torch.float32
+
+    def extra_repr(self) -> str:
+        return (
+            f"n_levels={self.n_levels}, n_features_per_level={self.n_features_per_level}, "
+            f"log2_hashmap_size={self.log2_hashmap_size}, base_resolution={self.base_resolution}, "
+            f"per_level_scale={self.per_level_scale}, n_params={self.params.numel()}, backend={self.backend!r}"
+        )

@@ -132,14 +132,10 @@ class ScoreDistillation:
             )
             neg_index = neg_mask.nonzero().flatten()
             rows = torch.cat([torch.arange(batch), torch.arange(batch), neg_index])  # [2B + K]
-            n_neg = len(neg_index)
-            embeddings = torch.cat(
-                [
-                    prior.embed(prompts),
-                    _repeat(prior.embed([self.uncond_prompt]), batch),
-                    _repeat(prior.embed([self.negative_prompt]), n_neg),
-                ]
-            )
+            embeddings = [prior.embed(prompts), _repeat(prior.embed([self.uncond_prompt]), batch)]
+            if len(neg_index):
+                embeddings.append(_repeat(prior.embed([self.negative_prompt]), len(neg_index)))
+            embeddings = torch.cat(embeddings)
             rows_dev = rows.to(z.device)
             eps = prior.predict_noise(
                 z_t[rows_dev], t[rows_dev], embeddings, None if cameras is None else cameras[rows.to(cameras.device)]

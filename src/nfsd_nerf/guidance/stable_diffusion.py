@@ -192,6 +192,7 @@ def _load_components(folder: Path, model_id: str, dtype: torch.dtype):
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.utils import is_accelerate_available
     from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers.utils import logging as transformers_logging
 
     low_mem = is_accelerate_available()  # without accelerate diffusers warns and falls back anyway
     loaders: dict[str, Callable[[], Any]] = {
@@ -208,11 +209,18 @@ def _load_components(folder: Path, model_id: str, dtype: torch.dtype):
         "scheduler": lambda: DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True),
     }
     loaded = []
-    for name, load in loaders.items():
-        try:
-            loaded.append(load())
-        except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
-            raise UserError(f"model {model_id!r}: cannot load its {name} from {folder}: {_first_line(exc)}") from None
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # a local load takes seconds: no per-tensor progress bar
+    try:
+        for name, load in loaders.items():
+            try:
+                loaded.append(load())
+            except (OSError, ValueError, KeyError, RuntimeError, TypeError) as exc:
+                raise UserError(f"model {model_id!r}: cannot load its {name} from {folder}: "
+                                f"{_first_line(exc)}") from None
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
     return loaded
 
 

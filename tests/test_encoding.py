@@ -269,9 +269,9 @@ def test_large_batch_matches_small_batches():
 # ------------------------------------------------------------------ gradients (float64)
 
 
-def _tiny_grid():
+def _tiny_grid(n_features=2):
     torch.manual_seed(0)
-    enc = HashGridEncoding(3, 2, 6, 3, 2.0, backend="torch").double()  # dense 3^3, hashed 5^3 and 11^3
+    enc = HashGridEncoding(3, n_features, 6, 3, 2.0, backend="torch").double()  # dense 3^3, hashed 5^3 and 11^3
     with torch.no_grad():
         enc.params.uniform_(-1, 1)
     return enc
@@ -287,8 +287,9 @@ def _interior_points(enc, n, seed):
     return x[ok][:n]
 
 
-def test_gradcheck_params():
-    enc = _tiny_grid()
+@pytest.mark.parametrize("n_features", [1, 2, 4])
+def test_gradcheck_params(n_features):
+    enc = _tiny_grid(n_features)
     x = torch.rand(12, 3, dtype=torch.float64)
     x[0] = 1.0  # wrapped dense corner
     params = enc.params.detach().clone().requires_grad_(True)
@@ -299,8 +300,9 @@ def test_gradcheck_params():
     assert torch.autograd.gradcheck(f, (params,), eps=1e-6, atol=1e-7)
 
 
-def test_gradcheck_positions():
-    enc = _tiny_grid()
+@pytest.mark.parametrize("n_features", [1, 2, 4])
+def test_gradcheck_positions(n_features):
+    enc = _tiny_grid(n_features)
     x = _interior_points(enc, 10, seed=1).requires_grad_(True)
     assert torch.autograd.gradcheck(enc, (x,), eps=1e-7, atol=1e-6)
 
@@ -328,6 +330,18 @@ def test_input_gradient_float32_matches_finite_difference_of_float64():
     x64 = x.detach().double().requires_grad_(True)
     enc64(x64).sum().backward()
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-3)
+
+
+def test_autograd_grad_wrt_x_alone():
+    """``autograd.grad(y, x)`` (normals) skips the table gradient and gives the same dL/dx."""
+    enc = HashGridEncoding(4, 2, 10, 4, 2.0, backend="torch")
+    with torch.no_grad():
+        enc.params.uniform_(-1, 1)
+    x = torch.rand(30, 3, requires_grad=True)
+    (gx,) = torch.autograd.grad(enc(x).square().sum(), x)
+    assert enc.params.grad is None
+    enc(x).square().sum().backward()
+    torch.testing.assert_close(gx, x.grad, rtol=0, atol=0)
 
 
 def test_no_input_gradient_unless_asked():

@@ -311,7 +311,7 @@ _pool_key = (0, 0)  # (process id, workers): a forked child must not reuse its p
 def _for_each_level(n_levels: int, n_corners: int, device: torch.device, fn: Callable[[int], object]) -> None:
     """Run ``fn(level)`` for every level, levels spread over ``torch.get_num_threads()`` threads.
 
-    ``index_select`` on 1-D tensors and ``index_add_`` run on one core in PyTorch; levels touch
+    ``index_select`` and ``scatter_add_`` on 1-D tensors run on one core in PyTorch; levels touch
     disjoint tables, so they can run concurrently (PyTorch releases the GIL inside ops).
     Serial on GPUs, for small inputs, and when autograd records (grad mode is per thread).
     """
@@ -371,7 +371,7 @@ def _scatter_corners(src: Tensor, idx: Tensor, grid: _Grid, n_params: int) -> Te
 
     def scatter(level: int) -> None:
         table = _level_units(grad, grid, level, units_per_entry)
-        table.index_add_(0, _unit_indices(idx[level], units_per_entry), src_units[level])
+        table.scatter_add_(0, _unit_indices(idx[level], units_per_entry), src_units[level])
 
     _for_each_level(n_levels, idx.numel(), src.device, scatter)
     return torch.view_as_real(grad).view(-1) if grad.is_complex() else grad
@@ -389,12 +389,20 @@ def _interpolate(vals: Tensor, fr: Tensor) -> Tensor:
     vx = torch.lerp(v[:, :, :, 0], v[:, :, :, 1], fx[:, None, None])  # [L, z, y, N, F]
     vy = torch.lerp(vx[:, :, 0], vx[:, :, 1], fy[:, None])  # [L, z, N, F]
     vz = torch.lerp(vy[:, 0], vy[:, 1], fz)  # [L, N, F]
-    return vz.transpose(0, 1).reshape(n, n_levels * n_features)
+    return _swap_first_axes(vz).view(n, n_levels * n_features)
+
+
+def _swap_first_axes(t: Tensor) -> Tensor:
+    """[A, B, F] -> [B, A, F] contiguous; for F = 2 as a transpose of 8-byte complex numbers,
+    which takes PyTorch's blocked 2-D transpose (2-3x faster than moving pairs of floats)."""
+    if t.shape[-1] == 2 and not t.requires_grad:
+        return torch.view_as_real(torch.view_as_complex(t.contiguous()).t().contiguous())
+    return t.transpose(0, 1).contiguous()
 
 
 def _levels_first(grad_out: Tensor, n_levels: int, n_features: int) -> Tensor:
     """grad_out [N, L * F] -> [L, N, F] contiguous."""
-    return grad_out.reshape(-1, n_levels, n_features).transpose(0, 1).contiguous()
+    return _swap_first_axes(grad_out.reshape(-1, n_levels, n_features))
 
 
 def _input_grad(fr: Tensor, vals: Tensor, grad: Tensor, scales: Tensor) -> Tensor:
@@ -428,8 +436,9 @@ def _engine_will_use(t: Tensor) -> bool:
 
 
 class _HashGridFunction(torch.autograd.Function):
-    """Forward gathers with ``index_select``; backward scatters with ``index_add_`` into a dense
-    gradient (much faster on CPU than autograd through ``F.embedding``). Saved for backward:
+    """Forward gathers with ``index_select``; backward scatters with ``scatter_add_`` into a dense
+    gradient (much faster on CPU than autograd through ``F.embedding``; ``index_add_`` is ~30%
+    slower on 1-D tensors, and far slower on [entries, F] rows). Saved for backward:
     corner indices [L, 8, N] int32 and fractions [L, 3, N, F]."""
 
     @staticmethod

@@ -135,6 +135,41 @@ def test_march_lattice_positions_and_bounds():
     assert torch.allclose(te - ts, torch.full_like(ts, step))
 
 
+def _lattice_reference(o, d, bound, step, offsets, grid):
+    """Brute force: every lattice midpoint up to far beyond the box, tested one by one."""
+    k = torch.arange(int(4 * bound * 3**0.5 / step) + 8, dtype=torch.float64)
+    t = offsets.double()[:, None] + (k[None] + 0.5) * step  # [N, K]
+    x = o.double()[:, None] + t[..., None] * d.double()[:, None]
+    keep = (x.abs() <= bound).all(-1)
+    if grid is not None:
+        keep &= grid.binaries.view(-1)[cells_from_points(x, bound, grid.resolution)]
+    row, col = torch.nonzero(keep, as_tuple=True)
+    return row, t[row, col]
+
+
+@pytest.mark.parametrize("with_grid", [True, False])
+def test_cell_traversal_marcher_matches_per_point_lattice_test(with_grid):
+    g = torch.Generator().manual_seed(5)
+    o, d = _random_rays(300, g)
+    o[:50] *= 0.3  # rays starting inside the box
+    d[50:60] = torch.tensor([0.0, 0.0, -1.0])  # axis-aligned rays
+    o[50:60, 2] = 2.0
+    d[60:70] = F.normalize(torch.tensor([1.0, 1.0, 0.0]), dim=0)
+    o[60:70] = torch.tensor([-1.5, -1.4, 0.1])
+    grid = None
+    if with_grid:
+        grid = OccupancyGrid(1.0, 12)
+        grid.binaries.copy_(torch.rand(12, 12, 12, generator=g) < 0.3)
+    step = step_size_from_samples(1.0, 200)
+    offsets = torch.rand(300, generator=g) * step
+    ri, ts, te = march_rays_cpu(o, d, bound=1.0, step=step, offsets=offsets, occupancy=grid)
+    ref_ri, ref_t = _lattice_reference(o, d, 1.0, step, offsets, grid)
+    assert len(ref_ri) > 5000
+    assert torch.equal(ri, ref_ri)
+    assert torch.allclose(0.5 * (ts + te).double(), ref_t, atol=1e-5)
+    assert bool((torch.diff(ri) >= 0).all())
+
+
 # --------------------------------------------------------------------------- compositing maths
 
 
@@ -245,18 +280,34 @@ def test_empty_cells_are_not_evaluated():
     assert out.n_field_samples == expected
 
 
-def test_early_termination_keeps_result_and_saves_samples():
+def test_early_termination_keeps_result_and_saves_normal_evaluations():
     field = BallField(sigma=50.0, radius=0.6)
     g = torch.Generator().manual_seed(4)
     o, d = _random_rays(200, g)
-    full = render_rays(field, SolidBackground(), o, d, occupancy=None, n_samples=256, early_stop_eps=0.0)
-    n_full = len(torch.cat(field.points))
-    field.points.clear()
-    early = render_rays(field, SolidBackground(), o, d, occupancy=None, n_samples=256)
-    main_pass = field.points[-1].shape[0]
-    assert main_pass < 0.6 * n_full
-    assert torch.allclose(early.rgb, full.rgb, atol=1e-3)
-    assert torch.allclose(early.opacity, full.opacity, atol=1e-3)
+    lights = o + 1.0
+    calls = []
+    field.normals = lambda x: (calls.append(x.shape[0]), F.normalize(x, dim=-1))[1]
+    kw = dict(occupancy=None, n_samples=256, shading="lambertian", light_positions=lights, need_normals=True)
+    full = render_rays(field, SolidBackground(), o, d, early_stop_eps=0.0, **kw)
+    early = render_rays(field, SolidBackground(), o, d, **kw)
+    assert calls[1] < 0.6 * calls[0]
+    assert early.n_field_samples < full.n_field_samples
+    for key in ("rgb", "opacity", "depth", "normal", "orientation"):
+        assert torch.allclose(getattr(early, key), getattr(full, key), atol=1e-3), key
+
+
+def test_no_grad_render_skips_invisible_normals_within_tolerance():
+    field = BallField(sigma=8.0, radius=0.7, smooth=True)
+    o, d = _random_rays(200, torch.Generator().manual_seed(6))
+    kw = dict(occupancy=None, n_samples=256, shading="textureless", light_positions=o * 1.2, need_normals=True)
+    calls = []
+    field.normals = lambda x: (calls.append(x.shape[0]), F.normalize(x, dim=-1))[1]
+    with_grad = render_rays(field, SolidBackground(), o, d, **kw)
+    with torch.no_grad():
+        without = render_rays(field, SolidBackground(), o, d, **kw)
+    assert calls[1] < 0.9 * calls[0]
+    for key in ("rgb", "opacity", "normal", "orientation"):
+        assert torch.allclose(getattr(without, key), getattr(with_grad, key).detach(), atol=2e-3), key
 
 
 def test_background_compositing_and_override():

@@ -34,10 +34,16 @@ SHADINGS = ("albedo", "lambertian", "textureless")
 
 EARLY_STOP_EPS = 1e-4
 """Transmittance below which the rest of a ray is skipped (nerfacc's default)."""
+NO_GRAD_NORMAL_WEIGHT_EPS = 1e-5
+"""Without autograd (eval, export), normals are only computed for samples whose weight reaches this:
+each skipped sample changes a pixel by less than it. Training always computes them all (a sample's
+colour drives its density gradient even where its weight is tiny)."""
 _MAX_OPTICAL_DEPTH = 1e4
 """sigma * delta is clamped here before the cumulative sum: alpha is already 1, and inf - inf = nan."""
+_NO_GRAD_FIELD_BLOCK = 1 << 17
+"""Points per field call when autograd is off (bounds the hash grid's temporaries)."""
 _CPU_MARCH_BLOCK = 1 << 21
-"""Lattice points tested against the occupancy grid at once on the CPU path (bounds memory)."""
+"""Ray pieces (ray x grid-plane crossings) handled at once by the CPU marcher (bounds memory)."""
 
 
 # --------------------------------------------------------------------------- geometry
@@ -54,9 +60,15 @@ def near_far_from_box(rays_o: Tensor, rays_d: Tensor, bound: float) -> tuple[Ten
     rays_o, rays_d [N, 3] -> t_near, t_far [N]; ``t_near`` is clamped to >= 0 (rays may start
     inside the box). A ray that misses the box has ``t_far <= t_near``.
     """
+    corner = torch.full((3,), float(bound), dtype=rays_o.dtype, device=rays_o.device)
+    return near_far_from_aabb(rays_o, rays_d, -corner, corner)
+
+
+def near_far_from_aabb(rays_o: Tensor, rays_d: Tensor, box_min: Tensor, box_max: Tensor) -> tuple[Tensor, Tensor]:
+    """Slab test against the box [box_min, box_max] ([3] each); as :func:`near_far_from_box`."""
     inv_d = 1.0 / torch.where(rays_d.abs() < 1e-12, torch.full_like(rays_d, 1e-12), rays_d)
-    t0 = (-bound - rays_o) * inv_d
-    t1 = (bound - rays_o) * inv_d
+    t0 = (box_min - rays_o) * inv_d
+    t1 = (box_max - rays_o) * inv_d
     t_near = torch.minimum(t0, t1).amax(dim=-1).clamp_min(0.0)
     t_far = torch.maximum(t0, t1).amin(dim=-1)
     return t_near, t_far
@@ -185,6 +197,23 @@ def _ray_offsets(n_rays: int, step: float, stratified: bool, generator, device) 
     return (torch.rand(n_rays, generator=generator) * step).to(device)
 
 
+def _occupied_cell_box(occupancy: OccupancyGrid | None, bound: float) -> tuple[Tensor, Tensor, Tensor, int] | None:
+    """Integer cell range [lo, hi) per axis holding every occupied cell, its world box, and R.
+
+    None when no cell is occupied. Without a grid: the whole box as one cell.
+    """
+    if occupancy is None:
+        lo, hi, r = torch.zeros(3, dtype=torch.long), torch.ones(3, dtype=torch.long), 1
+    else:
+        r = occupancy.resolution
+        cells = torch.nonzero(occupancy.binaries.cpu())
+        if cells.numel() == 0:
+            return None
+        lo, hi = cells.amin(0), cells.amax(0) + 1
+    size = 2.0 * bound / r
+    return lo, hi, torch.stack([lo * size - bound, hi * size - bound]).float(), r
+
+
 def march_rays_cpu(
     rays_o: Tensor,
     rays_d: Tensor,
@@ -197,32 +226,57 @@ def march_rays_cpu(
     """Lattice samples inside the box and in occupied cells, packed.
 
     rays_o, rays_d [N, 3]; offsets [N] -> ray_indices [S] (long), t_starts [S], t_ends [S] with
-    sample k of a ray at ``t_mid = offset + (k + 1/2) * step`` kept iff t_near <= t_mid <= t_far
-    and its cell is occupied (nerfacc's traverse_grids convention). Not differentiable.
+    sample k of a ray at ``t_mid = offset + (k + 1/2) * step`` kept iff it lies in the box and its
+    cell is occupied (nerfacc's traverse_grids convention). Not differentiable.
+
+    Vectorised cell traversal: each ray is cut at every grid plane it crosses inside the box that
+    bounds the occupied cells; each piece lies in one cell, is kept iff that cell is occupied, and
+    contributes the lattice points whose midpoints fall in it. The work is O(rays x R), not
+    O(rays x samples), and memory scales with the samples kept.
     """
-    t_near, t_far = near_far_from_box(rays_o, rays_d, bound)
-    # first and last lattice index whose midpoint lies in [t_near, t_far]
-    k_first = torch.ceil((t_near - offsets) / step - 0.5).clamp_min(0)
-    k_last = torch.floor((t_far - offsets) / step - 0.5)
-    count = (k_last - k_first + 1).clamp_min(0).long()  # [N]
-    hit = torch.nonzero(count > 0)[:, 0]
+    device, dtype = rays_o.device, rays_o.dtype
+    empty = (torch.empty(0, dtype=torch.long, device=device), torch.empty(0, device=device), torch.empty(0, device=device))
+    box = _occupied_cell_box(occupancy, bound)
+    if box is None or rays_o.shape[0] == 0:
+        return empty
+    lo, hi, world_box, r = box
+    world_box = world_box.to(device=device, dtype=dtype)
+    t_near, t_far = near_far_from_aabb(rays_o, rays_d, world_box[0], world_box[1])
+    has_lattice = torch.ceil((t_near - offsets) / step - 0.5).clamp_min(0) <= torch.floor((t_far - offsets) / step - 0.5)
+    hit = torch.nonzero((t_far > t_near) & has_lattice)[:, 0]
     if hit.numel() == 0:
-        empty = torch.empty(0, device=rays_o.device)
-        return empty.long(), empty, empty
-    max_count = int(count.max())
-    rows_per_block = max(1, _CPU_MARCH_BLOCK // max_count)
+        return empty
+
+    cell_size = 2.0 * bound / r
+    planes = [torch.arange(int(lo[a]), int(hi[a]) + 1, device=device, dtype=dtype) * cell_size - bound for a in range(3)]
+    n_cuts = 2 + sum(len(p) for p in planes)
+    binaries = occupancy.binaries.view(-1) if occupancy is not None else None
     out_idx, out_t = [], []
-    arange = torch.arange(max_count, device=rays_o.device, dtype=rays_o.dtype)
-    for block in hit.split(rows_per_block):
-        k = k_first[block, None] + arange  # [n, K]
-        valid = arange[None, :] < count[block, None]
-        t_mid = offsets[block, None] + (k + 0.5) * step
-        if occupancy is not None:
-            x = rays_o[block, None, :] + t_mid[..., None] * rays_d[block, None, :]
-            valid &= occupancy.binaries.view(-1)[cells_from_points(x, bound, occupancy.resolution)]
-        row, col = torch.nonzero(valid, as_tuple=True)
-        out_idx.append(block[row])
-        out_t.append(t_mid[row, col])
+    for block in hit.split(max(1, _CPU_MARCH_BLOCK // n_cuts)):
+        o, d, off = rays_o[block], rays_d[block], offsets[block, None]
+        near, far = t_near[block, None], t_far[block, None]
+        cuts = [near, far]
+        for a in range(3):
+            da = d[:, a : a + 1]
+            t = (planes[a][None, :] - o[:, a : a + 1]) / da
+            cuts.append(torch.where(da.abs() < 1e-12, far, t).clamp(near, far))
+        cuts = torch.sort(torch.cat(cuts, dim=1), dim=1).values  # [n, C]
+        start, end = cuts[:, :-1], cuts[:, 1:]  # pieces, each inside one cell
+        # lattice points with midpoint in [start, end): k in [k_lo, k_end), k >= 0 (the lattice
+        # starts at the ray's offset, as nerfacc's starts at its near plane)
+        k_lo = torch.ceil((start - off) / step - 0.5).clamp_min(0)
+        count = (torch.ceil((end - off) / step - 0.5) - k_lo).clamp_min(0)
+        if binaries is not None:
+            mid = 0.5 * (start + end)
+            x = o[:, None, :] + mid[..., None] * d[:, None, :]
+            count = count * binaries[cells_from_points(x, bound, r)]
+        count, k_lo = count.long().flatten(), k_lo.flatten()
+        piece = torch.repeat_interleave(torch.arange(count.numel(), device=device), count)
+        first = torch.cumsum(count, 0) - count
+        k = k_lo[piece] + (torch.arange(piece.numel(), device=device) - first[piece]).to(dtype)
+        rays = block[piece // start.shape[1]]
+        out_idx.append(rays)
+        out_t.append(offsets[rays] + (k + 0.5) * step)
     ray_indices = torch.cat(out_idx)
     t_mid = torch.cat(out_t)
     return ray_indices, t_mid - 0.5 * step, t_mid + 0.5 * step
@@ -310,27 +364,38 @@ class RenderOutput:
     orientation: Tensor
     """[N] ``sum stopgrad(w) * relu(n . d)^2`` (DreamFusion); zeros unless need_normals."""
     n_field_samples: int
-    """Points at which the field was evaluated (a density pre-pass and normals included)."""
+    """Points at which the field was evaluated (normals and, on CUDA, nerfacc's density pre-pass included)."""
 
 
 class _CountingField:
-    """Wraps the field's three entry points and counts the points it is evaluated at."""
+    """Wraps the field's three entry points: counts the points evaluated and, when autograd is off
+    (eval, export), evaluates in blocks so a 16k-ray chunk's normals (6 x samples points through
+    a 16-level hash grid) stay within a few hundred MB."""
 
-    def __init__(self, field):
-        self.field, self.count = field, 0
+    def __init__(self, field, block: int = _NO_GRAD_FIELD_BLOCK):
+        self.field, self.count, self.block = field, 0, block
+        fd = getattr(field, "normal_method", "analytic") == "finite_difference"
+        self.normal_cost = 6 if fd else 1
+
+    def _blocked(self, fn, x: Tensor, block: int):
+        if torch.is_grad_enabled() or x.shape[0] <= block:
+            return fn(x)
+        parts = [fn(part) for part in x.split(block)]
+        if isinstance(parts[0], tuple):
+            return tuple(torch.cat(p) for p in zip(*parts))
+        return torch.cat(parts)
 
     def density(self, x: Tensor) -> Tensor:
         self.count += x.shape[0]
-        return self.field.density(x)
+        return self._blocked(self.field.density, x, self.block)
 
     def __call__(self, x: Tensor) -> tuple[Tensor, Tensor]:
         self.count += x.shape[0]
-        return self.field(x)
+        return self._blocked(self.field, x, self.block)
 
     def normals(self, x: Tensor) -> Tensor:
-        per_point = 6 if getattr(self.field, "normal_method", "analytic") == "finite_difference" else 1
-        self.count += per_point * x.shape[0]
-        return self.field.normals(x)
+        self.count += self.normal_cost * x.shape[0]
+        return self._blocked(self.field.normals, x, max(1, self.block // self.normal_cost))
 
 
 def _check_inputs(rays_o, rays_d, n_samples, shading, light_positions, background_rgb, occupancy, bound):
@@ -349,17 +414,11 @@ def _check_inputs(rays_o, rays_d, n_samples, shading, light_positions, backgroun
         raise ValueError(f"occupancy grid bound {occupancy.bound} differs from the field's {bound}")
 
 
-def _prune_after_termination(
-    field: _CountingField, rays_o, rays_d, ray_indices, t_starts, t_ends, n_rays, eps: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """CPU early ray termination: a no-grad density pass, then keep samples whose T >= eps."""
+def _visible_after_density(t_starts, t_ends, sigmas, ray_indices, n_rays, eps: float) -> Tensor:
+    """[S] bool: samples in front of the point where a ray's transmittance drops below ``eps``."""
     with torch.no_grad():
-        t_mid = 0.5 * (t_starts + t_ends)
-        x = rays_o[ray_indices] + t_mid[:, None] * rays_d[ray_indices]
-        sigmas = field.density(x)
-        _, trans, _ = render_weight_from_density_packed(t_starts, t_ends, sigmas, ray_indices, n_rays)
-        keep = trans >= eps
-    return ray_indices[keep], t_starts[keep], t_ends[keep]
+        _, trans, _ = render_weight_from_density_packed(t_starts, t_ends, sigmas.detach(), ray_indices, n_rays)
+    return trans >= eps
 
 
 def _march_cuda(field: _CountingField, rays_o, rays_d, occupancy, step, offsets, bound, early_stop_eps):
@@ -409,8 +468,9 @@ def render_rays(
     rays_o, rays_d [N, 3] (unit directions); light_positions [N, 3] (needed for lambertian and
     textureless shading); background_rgb [N, 3] replaces ``background(rays_d)`` when given.
     ``n_samples`` steps cross the box diagonal; ``stratified`` jitters each ray's lattice with
-    ``generator`` (a CPU generator; global RNG if None). ``early_stop_eps`` > 0 skips samples
-    behind transmittance < eps (a no-grad density pass first); 0 disables it.
+    ``generator`` (a CPU generator; global RNG if None). ``early_stop_eps`` > 0 drops samples
+    behind transmittance < eps: on CUDA before the field is evaluated (nerfacc's no-grad density
+    pass), on CPU after the density pass, so only normals and shading are saved there; 0 disables it.
     """
     # 1. Check inputs
     bound = float(field.bound)
@@ -427,33 +487,44 @@ def render_rays(
         ray_indices, t_starts, t_ends = march_rays_cpu(
             rays_o, rays_d, bound=bound, step=step, offsets=offsets, occupancy=occupancy
         )
-        if early_stop_eps > 0 and ray_indices.numel() > 0:
-            ray_indices, t_starts, t_ends = _prune_after_termination(
-                counted, rays_o, rays_d, ray_indices, t_starts, t_ends, n_rays, early_stop_eps
-            )
 
     # 3. Field on the survivors
     t_mid = 0.5 * (t_starts + t_ends)
-    dirs = rays_d[ray_indices]
-    x = rays_o[ray_indices] + t_mid[:, None] * dirs  # [S, 3]
+    x = rays_o[ray_indices] + t_mid[:, None] * rays_d[ray_indices]  # [S, 3]
     if x.shape[0] > 0:
         sigmas, albedo = counted(x)
     else:
         sigmas, albedo = x.new_zeros(0), x.new_zeros(0, 3)
-    want_normals = need_normals or shading != "albedo"
-    normals = counted.normals(x) if want_normals and x.shape[0] > 0 else x.new_zeros(x.shape[0], 3)
-
-    # 4. Shading
-    lights = light_positions[ray_indices] if light_positions is not None else None
-    colors = shade(albedo, normals, x, lights, shading, ambient)
-
-    # 5. Weights and accumulation
+    if not rays_o.is_cuda and early_stop_eps > 0 and x.shape[0] > 0:
+        # CPU early termination, without a second pass: the density pass above already paid for
+        # every sample (a no-grad pre-pass + a re-evaluation was measured slower on CPU), but the
+        # normals (6 more density evaluations each) are only needed in front of T < eps.
+        keep = _visible_after_density(t_starts, t_ends, sigmas, ray_indices, n_rays, early_stop_eps)
+        if not bool(keep.all()):
+            ray_indices, t_starts, t_ends, t_mid = ray_indices[keep], t_starts[keep], t_ends[keep], t_mid[keep]
+            x, sigmas, albedo = x[keep], sigmas[keep], albedo[keep]
+    dirs = rays_d[ray_indices]
+    # 4. Weights (they do not depend on the normals)
     if rays_o.is_cuda:
         from nerfacc import render_weight_from_density
 
         weights, _, _ = render_weight_from_density(t_starts, t_ends, sigmas, ray_indices=ray_indices, n_rays=n_rays)
     else:
         weights, _, _ = render_weight_from_density_packed(t_starts, t_ends, sigmas, ray_indices, n_rays)
+
+    # 5. Normals and shading
+    want_normals = need_normals or shading != "albedo"
+    normals = x.new_zeros(x.shape[0], 3)
+    if want_normals and x.shape[0] > 0:
+        if torch.is_grad_enabled():
+            normals = counted.normals(x)
+        else:  # eval/export: skip normals where they cannot show (error <= NO_GRAD_NORMAL_WEIGHT_EPS each)
+            shows = weights >= NO_GRAD_NORMAL_WEIGHT_EPS
+            normals[shows] = counted.normals(x[shows])
+    lights = light_positions[ray_indices] if light_positions is not None else None
+    colors = shade(albedo, normals, x, lights, shading, ambient)
+
+    # 6. Accumulation along the rays
     opacity = accumulate_along_rays_packed(weights, None, ray_indices, n_rays)
     rgb = accumulate_along_rays_packed(weights, colors, ray_indices, n_rays)
     depth = accumulate_along_rays_packed(weights, t_mid[:, None], ray_indices, n_rays)[:, 0]
@@ -468,7 +539,7 @@ def render_rays(
     else:
         orientation = rays_o.new_zeros(n_rays)
 
-    # 6. Background
+    # 7. Background
     bg = background(rays_d) if background_rgb is None else background_rgb
     rgb = rgb + (1.0 - opacity)[:, None] * bg
     return RenderOutput(rgb, opacity, depth, normal, orientation, counted.count)

@@ -14,6 +14,7 @@ import yaml
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
+from nfsd_nerf.checkpoint import read_checkpoint
 from nfsd_nerf.cli import app
 
 runner = CliRunner()
@@ -105,8 +106,14 @@ def test_truncated_checkpoint_is_refused(tmp_path):
     assert result.exit_code == 2 and "truncated" in result.output and "Traceback" not in result.output
 
 
-def test_non_finite_steps_are_skipped_then_training_stops(tmp_path):
-    result = runner.invoke(app, [*builtin_args(tmp_path, 40), "--scale", "nan"])
+def test_non_finite_steps_are_skipped_then_training_stops(tmp_path, monkeypatch):
+    from nfsd_nerf.guidance.builtin import BuiltinPrior
+
+    def broken(self, z_t, t, embeddings, cameras=None):
+        return torch.full_like(z_t, float("nan"))
+
+    monkeypatch.setattr(BuiltinPrior, "predict_noise", broken)
+    result = runner.invoke(app, builtin_args(tmp_path, 40))
     assert result.exit_code == 2, result.output
     assert "20 consecutive steps" in result.output
     run = only_run(tmp_path)
@@ -133,7 +140,7 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
     assert proc.returncode == 130, output
     assert "resume with: nfsd-nerf train --resume" in output and "Traceback" not in output
     run = metrics.parent
-    step = int(json.loads((run / "checkpoints" / "latest.safetensors").read_bytes()[8:][: int.from_bytes((run / "checkpoints" / "latest.safetensors").read_bytes()[:8], "little")])["__metadata__"]["step"])
+    step = read_checkpoint(run / "checkpoints" / "latest.safetensors").step
     assert step >= 3
     result = runner.invoke(app, ["train", "--resume", str(run), "--steps", str(step + 2)])
     assert result.exit_code == 0, result.output

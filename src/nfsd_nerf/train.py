@@ -167,9 +167,9 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, device: torch.device, prior, distill):
         self.cfg, self.run_dir, self.device = cfg, Path(run_dir), device
         self.prior, self.distill = prior, distill
-        self.scene: Scene = build_scene(cfg, device)
+        torch.manual_seed(cfg.train.seed)  # before building: the field's initialisation draws from it
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
-        torch.manual_seed(cfg.train.seed)
+        self.scene: Scene = build_scene(cfg, device)
         field_params = list(self.scene.field.parameters())
         groups = [{"params": field_params, "lr": cfg.optim.lr}]
         background_params = list(self.scene.background.parameters())
@@ -303,7 +303,7 @@ class Trainer:
         self.step += 1
         return StepResult(
             loss=float(loss.detach()),
-            terms={k: float(v) for k, v in terms.items()},
+            terms={k: float(v.detach()) for k, v in terms.items()},
             t=[int(x) for x in info.get("t", [])],
             grad_norm=float(info.get("grad_norm", float("nan"))),
             param_grad_norm=float(param_grad_norm),

@@ -10,95 +10,11 @@ words of the NFSD negative prompt. Latents are 4 x 8 x 8 for 64 x 64 images; the
 
 from __future__ import annotations
 
-import json
-import re
 from pathlib import Path
 
 import pytest
-import torch
 
-from nfsd_nerf.guidance.rules import PAPER_NEGATIVE_PROMPT
-
-
-def _bytes_to_unicode() -> list[str]:
-    """GPT-2/CLIP's reversible byte -> printable-character table, in byte order."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
-    chars, extra = [], 0
-    for b in range(256):
-        if b in printable:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return chars
-
-
-def write_byte_level_clip_vocab(folder: Path, words: list[str] = ()) -> tuple[Path, Path]:
-    """A CLIP BPE vocabulary where every byte is a token (ids 0-511), plus BOS 512 / EOS 513.
-
-    ``words`` get merges (and tokens) that join their letters, so text made of them takes a few
-    tokens per word as with the real tokenizer instead of one per character. transformers 5
-    ignores ``CLIPTokenizer(vocab_file=..., merges_file=...)`` keywords: pass the paths positionally.
-    """
-    chars = _bytes_to_unicode()
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": 256 + i for i, c in enumerate(chars)})
-    vocab["<|startoftext|>"] = 512
-    vocab["<|endoftext|>"] = 513
-    merges: dict[str, None] = {}
-    for word in words:
-        symbols = list(word[:-1]) + [word[-1] + "</w>"]
-        joined = symbols[0]
-        for symbol in symbols[1:]:
-            merges[f"{joined} {symbol}"] = None
-            joined += symbol
-            vocab.setdefault(joined, len(vocab))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{m}\n" for m in merges))
-    return folder / "vocab.json", folder / "merges.txt"
-
-
-def build_tiny_sd(folder: Path, *, prediction_type: str = "epsilon") -> Path:
-    """Save a tiny random Stable Diffusion pipeline (unet, vae, text_encoder, tokenizer, scheduler) to ``folder``."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
-    )
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, block_out_channels=(8, 16, 16, 16), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        norm_num_groups=8, latent_channels=4, sample_size=64, scaling_factor=0.18215,
-    )
-    # The paper's negative prompt must fit in 77 tokens, as it does with CLIP's real vocabulary.
-    words = re.findall(r"[a-z]+", PAPER_NEGATIVE_PROMPT)
-    vocab, merges = write_byte_level_clip_vocab(folder / "_vocab", words)
-    tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-        max_position_embeddings=77, projection_dim=32, bos_token_id=512, eos_token_id=513, pad_token_id=513,
-    ))
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        steps_offset=1, clip_sample=False, prediction_type=prediction_type,
-    )
-    for name, part in [("unet", unet), ("vae", vae), ("text_encoder", text_encoder), ("tokenizer", tokenizer),
-                       ("scheduler", scheduler)]:
-        part.save_pretrained(folder / name)
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return folder
+from nfsd_nerf.testing import build_tiny_sd
 
 
 @pytest.fixture(scope="session")

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 
 from ..errors import UserError
+from ..profiling import stage
 from .prior import DiffusionPrior
 from .rules import RULES, Predictions, threshold_for_schedule, weight_from_timesteps
 
@@ -98,7 +99,9 @@ class ScoreDistillation:
         ``progress`` in [0, 1] anneals ``t_max``; every random draw comes from ``generator``.
         info: ``t`` (list of B ints), ``grad_norm`` (float, L2 norm of the whole gradient).
         """
-        return self.loss_from_latents(self.prior.encode(rgb), prompts, cameras, progress, generator)
+        with stage("encode"):
+            z = self.prior.encode(rgb)
+        return self.loss_from_latents(z, prompts, cameras, progress, generator)
 
     def loss_from_latents(
         self,
@@ -137,11 +140,13 @@ class ScoreDistillation:
                 embeddings.append(_repeat(prior.embed([self.negative_prompt]), len(neg_index)))
             embeddings = torch.cat(embeddings)
             rows_dev = rows.to(z.device)
-            eps = prior.predict_noise(
-                z_t[rows_dev], t[rows_dev], embeddings, None if cameras is None else cameras[rows.to(cameras.device)]
-            ).float()
+            with stage("noise_prediction"):
+                eps = prior.predict_noise(
+                    z_t[rows_dev], t[rows_dev], embeddings, None if cameras is None else cameras[rows.to(cameras.device)]
+                ).float()
 
-            # 4. The rule.
+        # 4. The rule.
+        with stage("rule"), torch.no_grad():
             negative = None
             if self.rule.negative_mask is not None:
                 negative = torch.zeros_like(z_t)

@@ -31,7 +31,7 @@ from nfsd_nerf.export.mesh import (
     threshold_from_density_grid,
     write_mesh,
 )
-from nfsd_nerf.export.video import check_video_inputs, estimate_seconds, render_turntable
+from nfsd_nerf.export.video import check_video_inputs, estimate_seconds, normals_from_depth, render_turntable
 
 
 def albedo_from_points(x: torch.Tensor) -> torch.Tensor:
@@ -404,6 +404,27 @@ def test_video_reads_back_with_frames_size_fps_and_content(tmp_path):
             assert centre.mean() > 0.8 and corner.mean() < 0.03  # near is bright, background black
     gif = iio.mimread(tmp_path / "video" / "turntable_rgb.gif")
     assert len(gif) == 5 and gif[0].shape[:2] == (48, 48)
+
+
+def test_normals_from_rendered_depth_match_the_surface():
+    from nfsd_nerf.cameras import generate_rays, orbit_cameras
+
+    cams = orbit_cameras(1, elevation_deg=30.0)
+    rays_o, rays_d = (r[0].double() for r in generate_rays(cams, 64, 64))
+    # exact first hit of the unit-radius-0.6 sphere, and its normal
+    b = (rays_o * rays_d).sum(-1)
+    disc = b**2 - ((rays_o**2).sum(-1) - 0.36)
+    hit = disc > 0
+    depth = torch.where(hit, -b - disc.clamp_min(0).sqrt(), torch.zeros_like(b))
+    opacity = hit.double()
+    want = F.normalize(rays_o + depth[..., None] * rays_d, dim=-1)
+    got = normals_from_depth(depth, opacity, rays_o, rays_d)
+    cos = (got * want).sum(-1)
+    interior = hit & hit.roll(1, 0) & hit.roll(-1, 0) & hit.roll(1, 1) & hit.roll(-1, 1)
+    interior &= (want * -rays_d).sum(-1) > math.cos(math.radians(70))  # not grazing
+    assert cos[interior].min() > math.cos(math.radians(4))  # central differences
+    assert torch.quantile(cos[hit], 0.02) > math.cos(math.radians(20))  # the rim: one-sided
+    assert torch.equal(got[~hit], -rays_d[~hit])  # background: faces the camera (composited away)
 
 
 def test_video_bad_inputs_are_user_errors(tmp_path):

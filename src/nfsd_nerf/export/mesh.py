@@ -72,37 +72,35 @@ def sample_density_grid(
     resolution: int,
     *,
     chunk: int = DEFAULT_CHUNK,
-    occupied: Callable[[Tensor], Tensor] | None = None,
+    mask: Tensor | None = None,
     device: torch.device | str = "cpu",
 ) -> np.ndarray:
     """sigma on the lattice ``grid_coordinates(bound, R)`` in all three axes -> float32 [R, R, R].
 
-    ``grid[i, j, k]`` is the density at ``(x_i, y_j, z_k)``. ``occupied`` (x [N, 3] -> bool [N]),
-    e.g. a training occupancy grid dilated by a cell, marks the points worth evaluating; the
-    others are 0 without calling the field. Non-finite densities (trunc_exp overflow) become
-    float32's largest value so they still count as inside.
+    ``grid[i, j, k]`` is the density at ``(x_i, y_j, z_k)``. ``mask`` (bool [R, R, R], e.g.
+    :func:`lattice_mask_from_occupancy`) marks the points worth evaluating; the others are 0
+    without calling the field. Non-finite densities (trunc_exp overflow) become float32's
+    largest value so they still count as inside.
     """
     r = int(resolution)
     coords = torch.as_tensor(grid_coordinates(bound, r), dtype=torch.float32)
-    grid = np.zeros((r, r, r), dtype=np.float32)
-    slabs = max(1, chunk // (r * r))  # x-slices per field call
-    yz = torch.stack(torch.meshgrid(coords, coords, indexing="ij"), dim=-1).reshape(-1, 2)  # [R*R, 2]
+    grid = torch.zeros(r, r, r)
+    slabs = max(1, chunk // (r * r))  # x-slices per step: bounds the index tensors' memory
     for start in range(0, r, slabs):
-        xs = coords[start : start + slabs]
-        pts = torch.cat([xs.repeat_interleave(r * r)[:, None], yz.repeat(len(xs), 1)], dim=-1)  # [n, 3]
-        sigma = torch.zeros(pts.shape[0])
-        keep = occupied(pts) if occupied is not None else None
-        if keep is None:
-            sigma = density_fn(pts.to(device)).float().cpu()
-        elif keep.any():
-            sigma[keep] = density_fn(pts[keep].to(device)).float().cpu()
-        grid[start : start + len(xs)] = sigma.reshape(len(xs), r, r).numpy()
+        stop = min(r, start + slabs)
+        ijk = torch.ones(stop - start, r, r, dtype=torch.bool) if mask is None else mask[start:stop]
+        ijk = ijk.nonzero()
+        ijk[:, 0] += start
+        for part in ijk.split(chunk):
+            sigma = density_fn(coords[part].to(device)).float().cpu()
+            grid[part[:, 0], part[:, 1], part[:, 2]] = sigma
     big = np.finfo(np.float32).max
-    return np.nan_to_num(grid, nan=0.0, posinf=big, neginf=0.0)
+    return np.nan_to_num(grid.numpy(), nan=0.0, posinf=big, neginf=0.0)
 
 
-def dilated_occupancy_fn(binaries: Tensor, bound: float) -> Callable[[Tensor], Tensor]:
-    """A training occupancy grid (bool [G, G, G] over the box) dilated by one cell -> x [N, 3] -> bool [N].
+def lattice_mask_from_occupancy(binaries: Tensor, bound: float, resolution: int) -> Tensor:
+    """A training occupancy grid (bool [G, G, G] over the box), dilated by one cell -> bool [R, R, R]
+    over the lattice: the points worth evaluating.
 
     The renderer never samples unoccupied cells, so the surface users see lies in occupied ones;
     the one-cell margin keeps the lattice points just outside it (needed to close the surface).
@@ -110,12 +108,9 @@ def dilated_occupancy_fn(binaries: Tensor, bound: float) -> Callable[[Tensor], T
     g = binaries.shape[0]
     occ = binaries.detach().float().cpu()[None, None]
     dilated = torch.nn.functional.max_pool3d(occ, kernel_size=3, stride=1, padding=1)[0, 0] > 0
-
-    def occupied(x: Tensor) -> Tensor:
-        ijk = ((x + bound) * (g / (2.0 * bound))).floor().long().clamp_(0, g - 1)
-        return dilated[ijk[:, 0], ijk[:, 1], ijk[:, 2]]
-
-    return occupied
+    coords = torch.as_tensor(grid_coordinates(bound, resolution), dtype=torch.float64)
+    cell = ((coords + bound) * (g / (2.0 * bound))).floor().long().clamp_(0, g - 1)
+    return dilated[cell[:, None, None], cell[None, :, None], cell[None, None, :]]
 
 
 # --------------------------------------------------------------------------- 2. threshold
@@ -265,8 +260,8 @@ def extract_mesh(
     device = _module_device(field)
 
     # 2. Density on the lattice
-    occupied = dilated_occupancy_fn(occupancy.binaries, bound) if occupancy is not None else None
-    grid = sample_density_grid(field.density, bound, resolution, chunk=chunk, occupied=occupied, device=device)
+    mask = lattice_mask_from_occupancy(occupancy.binaries, bound, resolution) if occupancy is not None else None
+    grid = sample_density_grid(field.density, bound, resolution, chunk=chunk, mask=mask, device=device)
     spacing = 2.0 * bound / (resolution - 1)
 
     # 3. Level

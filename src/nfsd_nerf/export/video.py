@@ -8,6 +8,12 @@ fits in CPU memory) and streamed to the encoder, so memory does not grow with th
 Modes: ``rgb`` (albedo over the learned background, what training renders), ``shaded``
 (Lambertian), ``textureless`` (white albedo, Lambertian: the geometry alone), ``normal`` (world
 normals mapped to RGB as ``0.5 n + 0.5`` over white) and ``depth`` (near bright, far dark, over black).
+
+Normals come by default from the rendered depth (``normals="depth"``: the surface through each
+pixel's expected termination point, differentiated across neighbouring pixels). The field's own
+normals (``normals="field"``) cost six extra density evaluations per sample with finite
+differences, which makes a CPU frame ~4.6x slower; for a turntable the depth's geometry is what
+one wants to see anyway.
 """
 
 from __future__ import annotations
@@ -16,13 +22,13 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..cameras import Cameras, orbit_cameras
+from ..cameras import Cameras, generate_rays, orbit_cameras
 from ..errors import UserError
 
 MODES: tuple[str, ...] = ("rgb", "shaded", "textureless", "normal", "depth")
@@ -49,6 +55,48 @@ def image_from_normals(normal: Tensor, opacity: Tensor) -> Tensor:
     unit = torch.nn.functional.normalize(normal, dim=-1)
     a = opacity.clamp(0.0, 1.0)[..., None]
     return a * (0.5 * unit + 0.5) + (1.0 - a)
+
+
+def normals_from_depth(depth: Tensor, opacity: Tensor, rays_o: Tensor, rays_d: Tensor) -> Tensor:
+    """World normals of the rendered surface -> [H, W, 3] unit, facing the camera.
+
+    depth, opacity [H, W] (expected distance along unit rays), rays_o, rays_d [H, W, 3]. The
+    surface point of each pixel is ``o + depth * d``; per image axis the one-sided difference
+    towards the neighbour with the closer depth is used at depth jumps (so silhouettes do not
+    smear the background into the normal), the central difference elsewhere; neighbours less
+    than half opaque never count. Pixels less than half opaque, or without a usable neighbour in
+    some axis, face the camera (``-d``).
+    """
+    points = rays_o + depth[..., None] * rays_d  # [H, W, 3]
+    solid = opacity >= 0.5
+
+    def tangent(axis: int) -> tuple[Tensor, Tensor]:
+        forward = points.roll(-1, dims=axis) - points
+        backward = points - points.roll(1, dims=axis)
+        ok_f, ok_b = solid.roll(-1, dims=axis).clone(), solid.roll(1, dims=axis).clone()
+        n = depth.shape[axis]
+        index = torch.arange(n, device=depth.device)
+        shape = [1, 1]
+        shape[axis] = n
+        ok_f &= (index < n - 1).reshape(shape)  # no wrap-around across the border
+        ok_b &= (index > 0).reshape(shape)
+        step_f = (depth.roll(-1, dims=axis) - depth).abs().masked_fill(~ok_f, float("inf"))
+        step_b = (depth - depth.roll(1, dims=axis)).abs().masked_fill(~ok_b, float("inf"))
+        one_sided = torch.where((step_f <= step_b)[..., None], forward, backward)
+        # a depth jump (silhouette, occlusion) is a step far larger than the other side's and than
+        # the pixel's footprint on a surface seen at 80 degrees (~6 footprints)
+        footprint = depth * (rays_d.roll(-1, dims=axis) - rays_d).norm(dim=-1)
+        jump = torch.maximum(step_f, step_b) > torch.maximum(3.0 * torch.minimum(step_f, step_b), 6.0 * footprint)
+        central = ok_f & ok_b & ~jump
+        return torch.where(central[..., None], 0.5 * (forward + backward), one_sided), ok_f | ok_b
+
+    right, ok_x = tangent(1)  # along columns (image right)
+    down, ok_y = tangent(0)  # along rows (image down)
+    normal = torch.nn.functional.normalize(torch.cross(down, right, dim=-1), dim=-1)
+    facing = -rays_d
+    normal = torch.where(((normal * facing).sum(-1) < 0)[..., None], -normal, normal)
+    usable = solid & ok_x & ok_y & (normal.norm(dim=-1) > 0.5)
+    return torch.where(usable[..., None], normal, facing)
 
 
 def depth_range_from_frames(depth: np.ndarray, opacity: np.ndarray) -> tuple[float, float]:
@@ -117,10 +165,11 @@ def render_frame(
     occupancy=None,
     n_samples: int = 512,
     chunk_rays: int = DEFAULT_CHUNK_RAYS,
+    normals: Literal["depth", "field"] = "depth",
 ) -> dict[str, Tensor]:
     """One camera -> {mode: RGB [size, size, 3] in [0, 1]} plus ``depth`` / ``opacity`` [size, size]
     floats when ``depth`` is asked for. One render pass per shading; normals and depth come with
-    the first pass."""
+    the first pass (``normals``: from the rendered depth, or the field's, see the module doc)."""
     from ..render import render_image
 
     device = _module_device(field)
@@ -139,13 +188,17 @@ def render_frame(
             occupancy=occupancy,
             n_samples=n_samples,
             shading=_SHADING[mode],
-            need_normals=first and "normal" in modes,
+            need_normals=first and "normal" in modes and normals == "field",
         )
         if mode in modes:
             out[mode] = result["rgb"][0].clamp(0.0, 1.0)
         if first:
-            if "normal" in modes:
+            if "normal" in modes and normals == "field":
                 out["normal"] = image_from_normals(result["normal"][0], result["opacity"][0])
+            elif "normal" in modes:
+                rays_o, rays_d = generate_rays(camera, size, size)
+                unit = normals_from_depth(result["depth"][0], result["opacity"][0], rays_o[0], rays_d[0])
+                out["normal"] = image_from_normals(unit, result["opacity"][0])
             if "depth" in modes:
                 out["depth"], out["opacity"] = result["depth"][0], result["opacity"][0]
     return out
@@ -162,13 +215,14 @@ def estimate_seconds(
     n_samples: int = 512,
     elevation: float = 15.0,
     probe_size: int = 64,
+    normals: Literal["depth", "field"] = "depth",
 ) -> float:
     """Projected wall time of :func:`render_turntable`: one ``probe_size`` frame (after a warm-up
     frame) timed and scaled by pixel count and frame count. Rendering cost is proportional to the
     rays; the probe views the object from the turntable's first camera, a typical view."""
     probe = min(int(size), int(probe_size))
     cams = orbit_cameras(1, distance=EVAL_DISTANCE, fovy_deg=EVAL_FOVY_DEG, elevation_deg=float(elevation))
-    kwargs = dict(occupancy=occupancy, n_samples=n_samples)
+    kwargs = dict(occupancy=occupancy, n_samples=n_samples, normals=normals)
     render_frame(field, background, cams, 16, modes, **kwargs)  # warm-up (allocations, lazy imports)
     start = time.perf_counter()
     render_frame(field, background, cams, probe, modes, **kwargs)
@@ -233,6 +287,7 @@ def render_turntable(
     n_samples: int = 512,
     chunk_rays: int = DEFAULT_CHUNK_RAYS,
     quality: float = 8.0,
+    normals: Literal["depth", "field"] = "depth",
     name: str = "turntable",
     progress: Progress | None = None,
 ) -> list[Path]:
@@ -246,6 +301,8 @@ def render_turntable(
     """
     # 1. Check inputs
     modes = check_video_inputs(frames, size, fps, elevation, modes)
+    if normals not in ("depth", "field"):
+        raise UserError(f"normals must be 'depth' or 'field', got {normals!r}")
     out_dir = Path(out_dir)
     cams = orbit_cameras(frames, distance=EVAL_DISTANCE, fovy_deg=EVAL_FOVY_DEG, elevation_deg=float(elevation))
 
@@ -265,7 +322,8 @@ def render_turntable(
         depth_frames, opacity_frames = [], []
         for i in range(frames):
             images = render_frame(
-                field, background, cams[i], size, modes, occupancy=occupancy, n_samples=n_samples, chunk_rays=chunk_rays
+                field, background, cams[i], size, modes,
+                occupancy=occupancy, n_samples=n_samples, chunk_rays=chunk_rays, normals=normals,
             )
             for mode in modes:
                 if mode == "depth":
@@ -307,6 +365,7 @@ def render_run_video(
     elevation: float = 15.0,
     modes: Sequence[str] = ("rgb", "normal", "depth"),
     gif: bool = False,
+    normals: Literal["depth", "field"] = "depth",
     checkpoint: Path | str | None = None,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
@@ -319,7 +378,7 @@ def render_run_video(
 
     check_video_inputs(frames, size, fps, elevation, modes)
     run = load_run(Path(run_dir), None if checkpoint is None else Path(checkpoint), device=device)
-    kwargs = dict(occupancy=run.occupancy, n_samples=run.config.render.n_samples)
+    kwargs = dict(occupancy=run.occupancy, n_samples=run.config.render.n_samples, normals=normals)
     if announce is not None:
         announce(
             estimate_seconds(run.field, run.background, frames=frames, size=size, modes=modes, elevation=elevation, **kwargs)

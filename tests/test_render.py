@@ -321,6 +321,19 @@ def test_background_compositing_and_override():
     assert torch.equal(out.opacity, torch.zeros(2))
 
 
+def test_rays_that_miss_everything_see_the_background():
+    field = BallField()
+    o, d = _rays_along_x([3.0, -5.0])  # beside the box
+    grid = OccupancyGrid(1.0, 8)
+    grid.binaries.zero_()  # and an empty grid
+    for occ in (None, grid):
+        out = render_rays(field, SolidBackground(), o, d, occupancy=occ, n_samples=64, shading="lambertian",
+                          light_positions=o, need_normals=True)
+        assert out.n_field_samples == 0
+        assert torch.allclose(out.rgb, torch.tensor([[0.3, 0.6, 0.1]] * 2))
+        assert torch.equal(out.opacity, torch.zeros(2)) and torch.equal(out.depth, torch.zeros(2))
+
+
 def test_lambertian_and_orientation_on_opaque_ball():
     field = BallField(sigma=500.0, radius=0.5)
     o, d = _rays_along_x([0.0, 0.0, 0.3])

@@ -4,7 +4,8 @@ Two marchers produce the same packed samples (DESIGN.md section 6):
 
 * CPU: pure PyTorch. Samples lie on a lattice ``t = offset + (k + 1/2) * step`` along each ray
   (``offset`` = 0, or one uniform jitter per ray when stratified), restricted to the scene box;
-  samples whose occupancy cell is empty are dropped *before* the field is evaluated.
+  a vectorised traversal of the occupancy cells drops samples in empty cells *before* the field
+  is evaluated.
 * CUDA: nerfacc's ``OccGridEstimator.sampling`` on the same occupancy buffers and the same lattice.
 
 Both paths then evaluate the field only on the packed survivors and composite with
@@ -505,7 +506,7 @@ def render_rays(
             x, sigmas, albedo = x[keep], sigmas[keep], albedo[keep]
     dirs = rays_d[ray_indices]
     # 4. Weights (they do not depend on the normals)
-    if rays_o.is_cuda:
+    if rays_o.is_cuda and t_starts.numel() > 0:
         from nerfacc import render_weight_from_density
 
         weights, _, _ = render_weight_from_density(t_starts, t_ends, sigmas, ray_indices=ray_indices, n_rays=n_rays)

@@ -1,4 +1,4 @@
-"""Multiresolution hash encoding (Instant-NGP) with tiny-cuda-nn's exact semantics.
+r"""Multiresolution hash encoding (Instant-NGP) with tiny-cuda-nn's exact semantics.
 
 Two backends compute the same function from the same flat parameter vector ``params``, so a
 checkpoint trained on a GPU with tinycudann renders on a CPU with PyTorch, and back
@@ -7,10 +7,10 @@ Per level ``l`` and input ``x`` in [0, 1]^3:
 
 .. math::
 
-    s_l = 2^{l \\log_2 b} \\cdot R - 1 \\ \\text{(float32)}, \\quad
-    r_l = \\lceil s_l \\rceil + 1, \\quad
-    p = s_l x + 0.5 \\ \\text{(one rounding, like fmaf)}, \\quad
-    c = \\lfloor p \\rfloor, \\quad f = p - c
+    s_l = 2^{l \log_2 b} \cdot R - 1 \ \text{(float32)}, \quad
+    r_l = \lceil s_l \rceil + 1, \quad
+    p = s_l x + 0.5 \ \text{(one rounding, like fmaf)}, \quad
+    c = \lfloor p \rfloor, \quad f = p - c
 
 The 8 corners ``c + (i, j, k)`` are looked up in the level's table and blended with trilinear
 weights. A level's table holds ``T_l = min(next_multiple_of_8(r_l^3), 2^log2_hashmap_size)``
@@ -23,6 +23,13 @@ the next row, exactly as tcnn's does. Tables are stored one after another: param
 
 Inputs outside [0, 1] are clamped to the unit cube (NaN becomes 0): tcnn would wrap them in
 uint32 arithmetic, which no caller wants (the field gives zero density outside its box).
+
+CPU speed: the PyTorch backend is a custom autograd Function (gather with ``index_select``,
+scatter the table gradient with ``scatter_add_``), vectorised over all levels at once, with
+each level's gathers and scatters on its own thread (they are single-threaded in PyTorch).
+Call :func:`tune_cpu_allocator` once at program start: freed memory then stays in the process
+and large temporaries stop paying page faults (2-4x on a VM). ``benchmarks/bench_encoding.py``
+measures it.
 """
 
 from __future__ import annotations

@@ -298,7 +298,7 @@ class Trainer:
         # 6. Occupancy refresh
         if (step + 1) % cfg.render.occupancy_update_every == 0:
             with stage("occupancy"):
-                scene.occupancy.update(step + 1, scene.field.density, step_size=marching_step_size(cfg))
+                scene.occupancy.update(step + 1, scene.field.density, step_size=marching_step_size(cfg), generator=gen)
 
         self.step += 1
         return StepResult(

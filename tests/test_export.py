@@ -506,8 +506,10 @@ def test_real_field_mesh_matches_the_box(box_run):
 def test_real_field_export_run_writes_upright_coloured_files(box_run, fmt):
     from nfsd_nerf.export.mesh import export_run
 
-    paths = export_run(box_run, format=fmt, resolution=64, texture_size=256)
+    notes = []
+    paths = export_run(box_run, format=fmt, resolution=64, texture_size=256, log=notes.append)
     assert paths == [box_run / "export" / f"mesh.{fmt}"]
+    assert len(notes) == 1 and "(auto)" in notes[0] and "faces" in notes[0]
     mesh = loaded_mesh(paths[0])
     rotation = np.eye(3) if fmt == "ply" else WORLD_TO_Y_UP
     extents = mesh.bounds[1] - mesh.bounds[0]

@@ -656,10 +656,12 @@ def export_field(
     occupancy=None,
     name: str = "mesh",
     chunk: int = DEFAULT_CHUNK,
+    log: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Extract, colour and write the field's mesh as ``out_dir/<name>.<format>`` (OBJ: + .mtl, .png).
 
-    Returns the paths written. Every bad input raises :class:`UserError` before anything is written.
+    Returns the paths written. Every bad input raises :class:`UserError` before anything is
+    written. ``log`` receives one-line progress notes (threshold, face count) for the CLI.
     """
     # 1. Check inputs
     if format not in FORMATS:
@@ -670,6 +672,12 @@ def export_field(
     mesh = extract_mesh(
         field, resolution=resolution, threshold=threshold, chunk=chunk, max_faces=max_faces, occupancy=occupancy
     )
+    if log is not None:
+        how = "auto" if threshold == "auto" else "given"
+        log(
+            f"surface at density {mesh.metadata['threshold']:.4g} ({how}): {len(mesh.faces)} faces, "
+            f"{len(mesh.vertices)} vertices (lattice {mesh.metadata['resolution']}^3)"
+        )
     # 3. Colours
     albedo_fn = albedo_fn_from_field(field, chunk)
     if format == "ply":
@@ -690,6 +698,7 @@ def export_run(
     checkpoint: Path | str | None = None,
     max_faces: int | None = 200_000,
     device: torch.device | str = "cpu",
+    log: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """``nfsd-nerf export``: load a run's checkpoint (latest by default) and write ``RUN_DIR/export/mesh.<format>``."""
     from ..checkpoint import load_run
@@ -704,4 +713,5 @@ def export_run(
         texture_size=texture_size,
         max_faces=max_faces,
         occupancy=run.occupancy,
+        log=log,
     )

@@ -160,13 +160,14 @@ def _check_hyperparameters(n_levels, n_features_per_level, log2_hashmap_size, ba
 
 
 def tune_cpu_allocator() -> bool:
-    """Keep freed memory in the process instead of returning it to the OS (glibc only).
+    """Keep freed memory in the process instead of returning it to the OS (Linux, glibc).
 
-    By default glibc serves allocations above ~128 KiB-32 MiB with fresh ``mmap`` pages and
-    unmaps them on free, so every large PyTorch temporary pays one page fault per 4 KiB on
-    first touch. In a VM that is most of the time of an elementwise op: measured here, the
-    hash grid's forward+backward runs 2-4x faster after this call. Process-wide and
-    irreversible; call it once at program start for CPU work. Returns whether it was applied.
+    By default glibc serves large allocations with fresh ``mmap`` pages and unmaps them on
+    free, so every large PyTorch temporary pays one page fault per 4 KiB on first touch; in a
+    VM that is most of an elementwise op's time. Measured here, the hash grid's
+    forward+backward runs about 2x faster after this call (and every other large-tensor op of
+    a CPU training step gains too). Process-wide and irreversible; call it once at program
+    start for CPU work. Returns whether it was applied.
     """
     try:
         libc = ctypes.CDLL("libc.so.6")
@@ -218,7 +219,11 @@ def _cell_and_frac(x: Tensor, scales: Tensor, dtype: torch.dtype) -> tuple[Tenso
     """
     half = torch.tensor(0.5, dtype=torch.float64, device=x.device)
     xt = x.to(torch.float64).t().contiguous()  # [3, N]: makes every later op run along N
-    pos = torch.addcmul(half, xt[None], scales[:, None, None]).to(dtype)
+    if torch.is_grad_enabled() and x.requires_grad:
+        pos = torch.addcmul(half, xt[None], scales[:, None, None]).to(dtype)
+    else:  # same values; the kernel rounds to ``dtype`` as it writes (no float64 temporary)
+        pos = torch.empty(scales.shape[0], 3, x.shape[0], dtype=dtype, device=x.device)
+        torch.addcmul(half, xt[None], scales[:, None, None], out=pos)
     return pos.to(torch.int32), torch.frac(pos)
 
 

@@ -52,9 +52,10 @@ def bench_hash_grid(
 ) -> dict:
     """Time the default hash grid; returns M points/s and ms for forward+backward and forward.
 
-    Keys: ``fwd_bwd_mpts_per_s``, ``fwd_mpts_per_s`` (best of ``repeats``), ``fwd_bwd_ms``,
-    ``fwd_ms`` (best), ``fwd_bwd_ms_median``, ``fwd_ms_median``, ``n_points``, ``threads``, and
-    the strings ``device``, ``backend``, ``allocator`` ("tuned" or "default").
+    Keys: ``fwd_bwd_mpts_per_s``, ``fwd_mpts_per_s`` (best of ``repeats``),
+    ``fwd_bwd_with_input_grad_mpts_per_s`` (x.requires_grad too, as for analytic normals),
+    ``fwd_bwd_ms``, ``fwd_ms`` (best), ``fwd_bwd_ms_median``, ``fwd_ms_median``, ``n_points``,
+    ``threads``, and the strings ``device``, ``backend``, ``allocator`` ("tuned" or "default").
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tuned = tune_allocator and dev.type == "cpu" and tune_cpu_allocator()
@@ -72,11 +73,20 @@ def bench_hash_grid(
         with torch.no_grad():
             encoding(x)
 
+    x_grad = x.clone().requires_grad_(True)
+
+    def forward_backward_input_grad() -> None:  # also dL/dx (analytic normals)
+        encoding.zero_grad(set_to_none=True)
+        x_grad.grad = None
+        encoding(x_grad).backward(grad_out)
+
     fwd_bwd = _timed(forward_backward, repeats, dev)
     fwd = _timed(forward, repeats, dev)
+    fwd_bwd_x = _timed(forward_backward_input_grad, max(1, repeats // 2), dev)
     return {
         "fwd_bwd_mpts_per_s": n_points / min(fwd_bwd) / 1e6,
         "fwd_mpts_per_s": n_points / min(fwd) / 1e6,
+        "fwd_bwd_with_input_grad_mpts_per_s": n_points / min(fwd_bwd_x) / 1e6,
         "fwd_bwd_ms": 1e3 * min(fwd_bwd),
         "fwd_ms": 1e3 * min(fwd),
         "fwd_bwd_ms_median": 1e3 * statistics.median(fwd_bwd),
@@ -95,5 +105,6 @@ if __name__ == "__main__":
         f"hash grid ({r['device']}, {r['backend']}, {r['threads']} threads, {r['allocator']} allocator, "
         f"{r['n_points']} points, 16 levels x 2, table 2^19): "
         f"fwd+bwd {r['fwd_bwd_mpts_per_s']:.3f} M pts/s ({r['fwd_bwd_ms']:.1f} ms, median {r['fwd_bwd_ms_median']:.1f}), "
-        f"fwd {r['fwd_mpts_per_s']:.3f} M pts/s ({r['fwd_ms']:.1f} ms, median {r['fwd_ms_median']:.1f})"
+        f"fwd {r['fwd_mpts_per_s']:.3f} M pts/s ({r['fwd_ms']:.1f} ms, median {r['fwd_ms_median']:.1f}), "
+        f"fwd+bwd with dL/dx {r['fwd_bwd_with_input_grad_mpts_per_s']:.3f} M pts/s"
     )

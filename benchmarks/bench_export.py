@@ -33,7 +33,7 @@ def bench_export(
 ) -> dict:
     """Seconds per stage of a mesh export at ``resolution`` and per video frame at each size.
 
-    Keys ending in ``_s`` are seconds; ``faces``/``texels`` are counts. The lattice is sampled
+    Keys ending in ``_s`` are seconds; the others are counts and fractions. The lattice is sampled
     the way ``export_run`` does (skipping cells the occupancy grid marks empty); the full-box
     lattice is timed at ``full_grid_resolution`` (a 256^3 full lattice is 8x that).
     """
@@ -66,7 +66,7 @@ def bench_export(
     mesh, out[f"marching_cubes_{resolution}_s"] = _timed(M.mesh_from_density_grid, grid, level, cfg.bound)
     mesh, out["components_s"] = _timed(M.keep_large_components, mesh)
     _ = mesh.vertex_normals
-    out["faces"] = len(mesh.faces)
+    out["mesh_face_count"] = len(mesh.faces)
 
     # 2. Unwrap and bake (bake = unwrap + rasterize + albedo + dilation; unwrap also timed alone)
     _, out["unwrap_s"] = _timed(M.unwrap_uv, mesh, texture_size)

@@ -153,7 +153,7 @@ def test_sets_hold_the_neighbours_of_every_object_and_degraded_copies(prior):
     # every conditional image is in the unconditional set
     assert all(((uncond - image).abs().amax(dim=(1, 2, 3)) < 1e-6).any() for image in cond)
     torch.testing.assert_close(negative, degrade(uncond, blur_matrix(SIZE, 1.5 * SIZE / 32)), atol=1e-5, rtol=0)
-    assert negative.std(dim=(2, 3)).mean() < 0.6 * uncond.std(dim=(2, 3)).mean()  # lower contrast
+    assert negative.std(dim=(2, 3)).mean() < 0.8 * uncond.std(dim=(2, 3)).mean()  # lower contrast
 
 
 def test_blur_keeps_constants_and_the_negative_look_is_blurry():

@@ -145,3 +145,25 @@ def test_ctrl_c_saves_a_checkpoint_that_resumes(tmp_path):
     result = runner.invoke(app, ["train", "--resume", str(run), "--steps", str(step + 2)])
     assert result.exit_code == 0, result.output
     assert json.loads((run / "summary.json").read_text())["steps"] == step + 2
+
+
+@pytest.mark.slow
+def test_builtin_training_recovers_the_true_object(tmp_path):
+    """A short NFSD run on the built-in prior must beat the untrained blob against the true object."""
+    from nfsd_nerf.config import load_config, preset_path
+    from nfsd_nerf.evaluate import evaluate_against_truth
+    from nfsd_nerf.scene import build_scene
+
+    cfg = load_config(preset_path("builtin"))
+    torch.manual_seed(0)
+    blob = build_scene(cfg)
+    start = evaluate_against_truth(blob.field, blob.background, "a red cube", size=cfg.render.size,
+                                   occupancy=blob.occupancy, n_samples=cfg.render.n_samples)
+    # The untrained blob scores about 12 dB and IoU 0.73; 300 NFSD steps reach about 21 dB and 0.95.
+    result = runner.invoke(app, ["train", "a red cube", "--model", "builtin", "--steps", "300", "--out", str(tmp_path),
+                                 "--set", "train.preview_every=0"])
+    assert result.exit_code == 0, result.output
+    final = json.loads((only_run(tmp_path) / "summary.json").read_text())["eval"]
+    assert final["silhouette_iou"] >= 0.8
+    assert final["psnr"] >= start["psnr"] + 5.0, (start, final)
+    assert "silhouette IoU" in result.output

@@ -43,6 +43,9 @@ def fail(message: str) -> None:
 
 def _run(action):
     """Run a command body: user errors become one line + exit 2, Ctrl-C exits 130 quietly."""
+    from .encoding import tune_cpu_allocator
+
+    tune_cpu_allocator()  # every command does large-tensor CPU work; ~2x on the hash grid
     try:
         return action()
     except UserError as exc:

@@ -61,3 +61,40 @@ def test_unwritable_output_folder(tmp_path):
     blocker.write_text("not a folder")
     result = invoke("train", "a red cube", "--model", "builtin", "--out", str(blocker / "runs"), "--steps", "1")
     assert result.exit_code == 2 and "not writable" in result.output
+
+
+def test_image_command_writes_its_png(tiny_sd_path, tmp_path):
+    result = invoke("image", "a hamburger", "--model", str(tiny_sd_path), "--offline", "--steps", "3",
+                    "--out", str(tmp_path), "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    pngs = sorted(p.name for p in (tmp_path / "a-hamburger").glob("*.png"))
+    assert "nfsd-s7.5.png" in pngs and "nfsd-s7.5-steps.png" in pngs
+
+
+@pytest.mark.parametrize("command", ["export", "render-video"])
+def test_export_commands_refuse_missing_runs_and_bad_checkpoints(command, tmp_path):
+    result = invoke(command, str(tmp_path / "nope"))
+    assert result.exit_code == 2 and "run folder not found" in result.output
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "latest.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    result = invoke(command, str(run))
+    assert result.exit_code == 2 and "truncated or not a safetensors file" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_export_and_video_of_a_trained_run(tmp_path):
+    result = invoke("train", "a red cube", "--model", "builtin", "--steps", "60", "--out", str(tmp_path),
+                    "--set", "train.preview_every=0")
+    assert result.exit_code == 0, result.output
+    run = next(p for p in tmp_path.iterdir() if p.is_dir())
+    result = invoke("export", str(run), "--format", "ply", "--resolution", "64")
+    assert result.exit_code == 0, result.output
+    assert (run / "export" / "mesh.ply").is_file()
+    result = invoke("export", str(run), "--threshold", "lots")
+    assert result.exit_code == 2 and "--threshold" in result.output
+    result = invoke("render-video", str(run), "--size", "32", "--frames", "4", "--modes", "rgb")
+    assert result.exit_code == 0, result.output
+    assert (run / "video" / "turntable_rgb.mp4").is_file()
+    result = invoke("render-video", str(run), "--size", "33")
+    assert result.exit_code == 2 and "Traceback" not in result.output

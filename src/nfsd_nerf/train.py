@@ -454,8 +454,11 @@ def run_training(
                         trainer.write_preview()
                     if cfg.train.checkpoint_every and trainer.step % cfg.train.checkpoint_every == 0:
                         trainer.save(LATEST)
-    except KeyboardInterrupt:
-        raise Interrupted(trainer.save(LATEST)) from None
+    except KeyboardInterrupt:  # a second Ctrl-C mid-step: the state may be half-updated, keep the last checkpoint
+        latest = run_dir / "checkpoints" / LATEST
+        if latest.exists():
+            raise Interrupted(latest) from None
+        raise
     finally:
         restore_sigint()
 

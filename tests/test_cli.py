@@ -98,3 +98,9 @@ def test_export_and_video_of_a_trained_run(tmp_path):
     assert (run / "video" / "turntable_rgb.mp4").is_file()
     result = invoke("render-video", str(run), "--size", "33")
     assert result.exit_code == 2 and "Traceback" not in result.output
+
+
+def test_unknown_builtin_object_is_refused_before_a_run_folder_exists(tmp_path):
+    result = invoke("train", "a hamburger", "--model", "builtin", "--out", str(tmp_path))
+    assert result.exit_code == 2 and "known shapes" in result.output
+    assert list(tmp_path.iterdir()) == []

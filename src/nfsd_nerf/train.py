@@ -122,6 +122,16 @@ def choose_shading(step: int, cfg: Config, generator: torch.Generator) -> str:
     return "lambertian" if u < r.albedo_prob + r.lambertian_prob else "textureless"
 
 
+def prompt_variants(cfg: Config) -> list[str]:
+    """The prompts a run can ask the prior for: the prompt (or its view variants), uncond, negative."""
+    if cfg.guidance.view_dependent_prompts:
+        angles = torch.tensor([0.0, 90.0, 180.0, 0.0]), torch.tensor([0.0, 0.0, 0.0, 90.0])
+        prompts = view_dependent_prompts(cfg.prompt, *angles)  # front, side, back, overhead
+    else:
+        prompts = [cfg.prompt]
+    return prompts + [""] + ([cfg.guidance.negative_prompt] if cfg.guidance.negative_prompt else [])
+
+
 def orientation_weight(step: int, cfg: Config) -> float:
     lo, hi, ramp = cfg.loss.orientation_start, cfg.loss.orientation_end, cfg.loss.orientation_ramp_steps
     return hi if ramp <= 0 else lo + (hi - lo) * min(1.0, step / ramp)
@@ -398,6 +408,8 @@ def run_training(
                                 grad_clip=g.grad_clip)
     cfg = dataclasses.replace(cfg, guidance=dataclasses.replace(g, scale=float(distill.scale),
                                                                negative_prompt=distill.negative_prompt))
+    prior.embed(prompt_variants(cfg))  # every prompt the run will use, once: refuses unknown ones up front
+
 
     # 3. Run folder, trainer, and resumed state
     run_dir = Path(run_dir) if resume is not None else new_run_dir(out, cfg.prompt)

@@ -46,6 +46,13 @@ def test_console_script_starts_without_importing_heavy_libraries():
         (["train", "a red cube", "--model", "builtin", "--guidance", "vsd"], "nfsd or sds"),
         (["train", "a red cube", "--model", "builtin", "--device", "tpu"], "train.device"),
         (["train", "--resume", "/nonexistent/run"], "resume folder not found"),
+        (["train", "a red cube", "--model", "builtin", "--set", "train.log_every=0"], "train.log_every must be positive"),
+        (["train", "a red cube", "--model", "builtin", "--set", "render.occupancy_update_every=0"], "occupancy_update_every"),
+        (["train", "a red cube", "--model", "builtin", "--set", "field.bound=-1"], "field.bound must be positive"),
+        (["train", "a red cube", "--model", "builtin", "--set", "optim.betas=[0.9, 1.5]"], "optim.betas[1]"),
+        (["train", "a red cube", "--model", "builtin", "--set", "guidance.t_min=0.99"], "guidance.t_min"),
+        (["train", "a red cube", "--model", "builtin", "--set", "cameras.fovy_range=[70, 40]"], "cameras.fovy_range"),
+        (["train", "a red cube", "--device", "mps"], "not supported"),
         (["train", "a red cube", "--config", "/nonexistent.yaml"], "not found"),
     ],
 )

@@ -45,7 +45,10 @@ def _run(action):
     """Run a command body: user errors become one line + exit 2, Ctrl-C exits 130 quietly."""
     from .encoding import tune_cpu_allocator
 
-    tune_cpu_allocator()  # every command does large-tensor CPU work; ~2x on the hash grid
+    import torch
+
+    if not torch.cuda.is_available():
+        tune_cpu_allocator()  # large-tensor CPU work in every command: ~2x on the hash grid
     try:
         return action()
     except UserError as exc:
@@ -100,10 +103,10 @@ def train(
                 raise UserError(f"resume folder not found: {resume}")
             ckpt = read_checkpoint(resume / "checkpoints" / LATEST)
             cfg = ckpt.config
-            allowed = {"train.steps", "train.device"}
+            allowed = {"train.steps", "train.device", "guidance.offline"}
             changed = [k for k, v in flags.items() if v is not None and k not in allowed]
             if changed:
-                raise UserError(f"--resume can only change --steps and --device (got {', '.join(changed)})")
+                raise UserError(f"--resume can only change --steps, --device and --offline (got {', '.join(changed)})")
         else:
             if prompt is None or not prompt.strip():
                 raise UserError('the prompt is empty: give a text prompt, e.g. nfsd-nerf train "a red cube" --model builtin')

@@ -329,6 +329,57 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+def check_ranges(cfg: Config) -> None:
+    """Refuse values that type-check but cannot work, naming the key (before any expensive work)."""
+    positive = {
+        "train.steps": cfg.train.steps, "train.log_every": cfg.train.log_every,
+        "render.size": cfg.render.size, "render.batch_size": cfg.render.batch_size,
+        "render.n_samples": cfg.render.n_samples, "render.occupancy_resolution": cfg.render.occupancy_resolution,
+        "render.occupancy_update_every": cfg.render.occupancy_update_every,
+        "field.n_levels": cfg.field.n_levels, "field.n_features_per_level": cfg.field.n_features_per_level,
+        "field.base_resolution": cfg.field.base_resolution, "field.hidden_dim": cfg.field.hidden_dim,
+        "field.bound": cfg.field.bound, "field.blob_radius": cfg.field.blob_radius,
+        "optim.lr": cfg.optim.lr, "optim.eps": cfg.optim.eps,
+    }
+    for key, value in positive.items():
+        if not value > 0:
+            raise UserError(f"{key} must be positive, got {value!r}")
+    non_negative = {
+        "train.preview_every": cfg.train.preview_every, "train.checkpoint_every": cfg.train.checkpoint_every,
+        "optim.background_lr": cfg.optim.background_lr, "field.n_hidden_layers": cfg.field.n_hidden_layers,
+        "render.ambient_only_steps": cfg.render.ambient_only_steps,
+        "render.albedo_prob": cfg.render.albedo_prob, "render.lambertian_prob": cfg.render.lambertian_prob,
+        "render.textureless_prob": cfg.render.textureless_prob, "loss.sparsity": cfg.loss.sparsity,
+        "loss.orientation_start": cfg.loss.orientation_start, "loss.orientation_end": cfg.loss.orientation_end,
+    }
+    for key, value in non_negative.items():
+        if not value >= 0:
+            raise UserError(f"{key} must be zero or positive, got {value!r}")
+    if cfg.render.albedo_prob + cfg.render.lambertian_prob + cfg.render.textureless_prob <= 0:
+        raise UserError("render.albedo_prob, lambertian_prob and textureless_prob cannot all be zero")
+    unit = {
+        "optim.betas[0]": cfg.optim.betas[0], "optim.betas[1]": cfg.optim.betas[1],
+        "render.ambient": cfg.render.ambient, "background.random_solid_prob": cfg.background.random_solid_prob,
+        "render.occupancy_ema_decay": cfg.render.occupancy_ema_decay,
+    }
+    for key, value in unit.items():
+        if not 0 <= value <= 1:
+            raise UserError(f"{key} must be in [0, 1], got {value!r}")
+    g = cfg.guidance
+    t_end = g.t_max if g.t_max_end is None else g.t_max_end
+    if not (0 <= g.t_min < g.t_max <= 1 and g.t_min < t_end <= 1):
+        raise UserError(f"guidance.t_min, t_max, t_max_end must satisfy 0 <= t_min < t_max(_end) <= 1, "
+                        f"got {g.t_min}, {g.t_max}, {g.t_max_end}")
+    for key, (lo, hi) in {"cameras.distance_range": cfg.cameras.distance_range,
+                          "cameras.fovy_range": cfg.cameras.fovy_range,
+                          "cameras.elevation_range": cfg.cameras.elevation_range,
+                          "cameras.light_distance_range": cfg.cameras.light_distance_range}.items():
+        if not lo <= hi:
+            raise UserError(f"{key} must be [low, high] with low <= high, got [{lo}, {hi}]")
+    if not (0 < cfg.cameras.fovy_range[0] and cfg.cameras.fovy_range[1] < 180):
+        raise UserError(f"cameras.fovy_range must lie in (0, 180) degrees, got {list(cfg.cameras.fovy_range)}")
+
+
 def to_dict(cfg: Config) -> dict:
     """Plain-YAML form (tuples become lists)."""
 

@@ -24,7 +24,7 @@ import torch
 from . import __version__
 from .cameras import generate_rays, orbit_cameras, sample_training_cameras
 from .checkpoint import FINAL, LATEST, Checkpoint, restore_optimizer, restore_scene, save_checkpoint
-from .config import BUILTIN_MODEL, Config, dump_yaml
+from .config import BUILTIN_MODEL, Config, check_ranges, dump_yaml
 from .errors import UserError
 from .guidance.prompts import view_dependent_prompts
 from .profiling import stage
@@ -83,16 +83,14 @@ def check_writable(out: Path) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto -> CUDA when available, else the CPU. MPS is refused: the hash grid, the packed
+    transmittance and the built-in prior compute in float64, which MPS does not support."""
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps: Apple's MPS backend is not available")
+    if name == "mps":
+        raise UserError("--device mps is not supported yet (parts of the renderer need float64); use --device cpu")
     return torch.device(name)
 
 
@@ -388,11 +386,7 @@ def run_training(
     # 1. Check inputs and the output folder before any expensive work
     if not cfg.prompt.strip():
         raise UserError("the prompt is empty: give a text prompt, e.g. nfsd-nerf train \"a red cube\" --model builtin")
-    if cfg.train.steps <= 0 or cfg.render.size <= 0 or cfg.render.batch_size <= 0 or cfg.render.n_samples <= 0:
-        raise UserError(
-            f"steps, render.size, render.batch_size and render.n_samples must be positive "
-            f"(got {cfg.train.steps}, {cfg.render.size}, {cfg.render.batch_size}, {cfg.render.n_samples})"
-        )
+    check_ranges(cfg)
     if resume is None:
         check_writable(out)
     device = resolve_device(cfg.train.device)

@@ -167,3 +167,41 @@ def test_builtin_training_recovers_the_true_object(tmp_path):
     assert final["silhouette_iou"] >= 0.8
     assert final["psnr"] >= start["psnr"] + 5.0, (start, final)
     assert "silhouette IoU" in result.output
+
+
+def test_resume_is_bitwise_with_shading_and_random_backgrounds(tmp_path):
+    """Every random draw (shading choice, random solid backgrounds, lights) survives a resume."""
+    extra = ["--set", "render.ambient_only_steps=1", "--set", "background.random_solid_prob=0.5",
+             "--set", "background.kind=mlp", "--set", "loss.orientation_start=10", "--set", "loss.orientation_end=10",
+             "--set", "loss.sparsity=1"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert runner.invoke(app, [*builtin_args(straight, 6), *extra]).exit_code == 0
+    assert runner.invoke(app, [*builtin_args(split, 3), *extra]).exit_code == 0
+    run = only_run(split)
+    # a crash after step 3 could have logged later steps: the resume must not duplicate them
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write(json.dumps({"step": 4, "loss": 0.0}) + "\n")
+    result = runner.invoke(app, ["train", "--resume", str(run), "--steps", "6"])
+    assert result.exit_code == 0, result.output
+    a = load_file(only_run(straight) / "checkpoints" / "final.safetensors")
+    b = load_file(run / "checkpoints" / "final.safetensors")
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3, 4, 5, 6]
+    assert {line["shading"] for line in lines} - {"albedo"}, "no shading augmentation was exercised"
+    assert torch.equal(load_file(run / "checkpoints" / "latest.safetensors")["field.encoding.params"],
+                       b["field.encoding.params"])
+
+
+def test_a_full_disk_mid_run_is_one_line_and_keeps_the_state(tmp_path, monkeypatch):
+    from nfsd_nerf.train import Trainer
+
+    def full_disk(self):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Trainer, "write_preview", full_disk)
+    result = runner.invoke(app, [*builtin_args(tmp_path, 10), "--set", "train.preview_every=4"])
+    assert result.exit_code == 2, result.output
+    assert "No space left on device" in result.output and "Traceback" not in result.output
+    assert read_checkpoint(only_run(tmp_path) / "checkpoints" / "latest.safetensors").step == 4

@@ -96,6 +96,20 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         raise
 
 
+def atomic_copy(source: Path, target: Path) -> Path:
+    """Make ``target`` a complete copy of ``source`` atomically: a hard link where the file system
+    has them (checkpoints are never modified in place, only replaced), else a copy."""
+    source, target = Path(source), Path(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        atomic_write_bytes(target, source.read_bytes())
+    return target
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -23,7 +23,16 @@ import torch
 
 from . import __version__
 from .cameras import generate_rays, orbit_cameras, sample_training_cameras
-from .checkpoint import FINAL, LATEST, Checkpoint, restore_optimizer, restore_scene, save_checkpoint
+from .checkpoint import (
+    FINAL,
+    LATEST,
+    Checkpoint,
+    atomic_copy,
+    atomic_write_bytes,
+    restore_optimizer,
+    restore_scene,
+    save_checkpoint,
+)
 from .config import BUILTIN_MODEL, Config, check_ranges, dump_yaml
 from .errors import UserError
 from .guidance.prompts import view_dependent_prompts
@@ -107,6 +116,15 @@ def package_versions() -> dict[str, str]:
 
 
 # --------------------------------------------------------------------------- pure helpers
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Keep only the metrics lines up to ``step`` (a resumed run logs the later steps again)."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines(keepends=True)
+            if line.strip() and json.loads(line)["step"] <= step]
+    atomic_write_bytes(path, "".join(kept).encode())
 
 
 def choose_shading(step: int, cfg: Config, generator: torch.Generator) -> str:
@@ -413,11 +431,13 @@ def run_training(
         trainer.restore(resume)
         if trainer.step >= cfg.train.steps:
             raise UserError(f"{run_dir} already ran {trainer.step} steps; pass --steps N with N > {trainer.step} to extend it")
-    (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    atomic_write_bytes(run_dir / "config.yaml", dump_yaml(cfg).encode())
     console.print(f"run folder: [bold]{run_dir}[/]")
 
     # 4. The loop
     metrics_path = run_dir / "metrics.jsonl"
+    if resume is not None:
+        drop_metrics_after(metrics_path, trainer.step)  # lines logged after the checkpoint are redone
     stop_flag, restore_sigint = _install_sigint_flag()
     step_times: list[float] = []
     warned_slow = False
@@ -460,6 +480,12 @@ def run_training(
                         trainer.write_preview()
                     if cfg.train.checkpoint_every and trainer.step % cfg.train.checkpoint_every == 0:
                         trainer.save(LATEST)
+    except OSError as exc:  # a full disk or a vanished folder between steps: the state in memory is intact
+        try:
+            saved = f"saved {trainer.save(LATEST)}"
+        except OSError:
+            saved = "no checkpoint could be saved"
+        raise UserError(f"cannot write to {run_dir}: {exc.strerror or exc} ({saved})") from None
     except KeyboardInterrupt:  # a second Ctrl-C mid-step: the state may be half-updated, keep the last checkpoint
         latest = run_dir / "checkpoints" / LATEST
         if latest.exists():
@@ -469,8 +495,7 @@ def run_training(
         restore_sigint()
 
     # 5. Final checkpoint, preview, evaluation and summary
-    trainer.save(FINAL)
-    trainer.save(LATEST)
+    atomic_copy(trainer.save(FINAL), run_dir / "checkpoints" / LATEST)
     trainer.write_preview()
     evaluation = None
     if g.model == BUILTIN_MODEL:
@@ -495,7 +520,7 @@ def run_training(
         "versions": package_versions(),
         "eval": evaluation,
     }
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    atomic_write_bytes(run_dir / "summary.json", (json.dumps(summary, indent=2) + "\n").encode())
     return RunResult(run_dir=run_dir, summary=summary)
 
 

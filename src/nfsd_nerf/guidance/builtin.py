@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..cameras import WORLD_UP, Cameras, generate_rays, look_at, sample_training_cameras
+from ..errors import UserError
 from .prior import DiffusionPrior, eps_from_sample_prediction
 from .shapes import BACKGROUND_RGB, COLOURS, SHAPES, parse_prompt, shade_and_coverage
 
@@ -348,7 +349,7 @@ class BuiltinPrior(DiffusionPrior):
         negative_brightness: float = NEGATIVE_BRIGHTNESS,
     ):
         if image_size < 8:
-            raise ValueError(f"image_size must be at least 8, got {image_size}")
+            raise UserError(f"the built-in prior needs renders of at least 8x8 pixels (render.size), got {image_size}")
         if not 1 <= n_neighbours <= n_references:
             raise ValueError(f"need 1 <= n_neighbours <= n_references, got {n_neighbours}, {n_references}")
         self.device = torch.device(device)

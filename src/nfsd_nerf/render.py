@@ -20,7 +20,9 @@ samples belongs to; within a ray the samples are ordered front to back.
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -422,6 +424,26 @@ def _visible_after_density(t_starts, t_ends, sigmas, ray_indices, n_rays, eps: f
     return trans >= eps
 
 
+@functools.lru_cache(maxsize=1)
+def nerfacc_kernels_available() -> bool:
+    """Whether nerfacc's CUDA kernels load (they JIT-build on first use and need nvcc + ninja).
+
+    Without them the PyTorch marcher runs on the GPU too (same lattice, same results), with a
+    one-time warning instead of a crash at the first training step.
+    """
+    try:
+        from nerfacc.cuda import _backend
+
+        if getattr(_backend, "_C", None) is not None:
+            return True
+        reason = "the extension did not build"
+    except Exception as exc:  # OSError (no CUDA_HOME), RuntimeError (no ninja), ImportError...
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    warnings.warn(f"nerfacc's CUDA kernels are unavailable ({reason}); using the PyTorch ray marcher on the GPU",
+                  stacklevel=2)
+    return False
+
+
 def _march_cuda(field: _CountingField, rays_o, rays_d, occupancy, step, offsets, bound, early_stop_eps):
     """nerfacc's marcher (CUDA only): same lattice, same occupancy buffers, density pre-pass inside."""
     def sigma_fn(t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor) -> Tensor:
@@ -482,7 +504,8 @@ def render_rays(
     offsets = _ray_offsets(n_rays, step, stratified, generator, device)
 
     # 2. March: packed samples in occupied cells (no field evaluation in empty space)
-    if rays_o.is_cuda:
+    use_nerfacc = rays_o.is_cuda and nerfacc_kernels_available()
+    if use_nerfacc:
         ray_indices, t_starts, t_ends = _march_cuda(counted, rays_o, rays_d, occupancy, step, offsets, bound, early_stop_eps)
     else:
         ray_indices, t_starts, t_ends = march_rays_cpu(
@@ -496,7 +519,7 @@ def render_rays(
         sigmas, albedo = counted(x)
     else:
         sigmas, albedo = x.new_zeros(0), x.new_zeros(0, 3)
-    if not rays_o.is_cuda and early_stop_eps > 0 and x.shape[0] > 0:
+    if not use_nerfacc and early_stop_eps > 0 and x.shape[0] > 0:
         # CPU early termination, without a second pass: the density pass above already paid for
         # every sample (a no-grad pre-pass + a re-evaluation was measured slower on CPU), but the
         # normals (6 more density evaluations each) are only needed in front of T < eps.
@@ -506,7 +529,7 @@ def render_rays(
             x, sigmas, albedo = x[keep], sigmas[keep], albedo[keep]
     dirs = rays_d[ray_indices]
     # 4. Weights (they do not depend on the normals)
-    if rays_o.is_cuda and t_starts.numel() > 0:
+    if use_nerfacc and t_starts.numel() > 0:
         from nerfacc import render_weight_from_density
 
         weights, _, _ = render_weight_from_density(t_starts, t_ends, sigmas, ray_indices=ray_indices, n_rays=n_rays)

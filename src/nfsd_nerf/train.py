@@ -397,6 +397,7 @@ def run_training(
 
     from .guidance import load_prior
     from .guidance.distill import ScoreDistillation
+    from .render import nerfacc_kernels_available
 
     console = console or Console()
     started = time.perf_counter()
@@ -515,7 +516,8 @@ def run_training(
         "wall_time_s": round(wall, 2),
         "seconds_per_step": round(sum(step_times) / max(1, len(step_times)), 4),
         "device": _describe_device(device),
-        "hash_grid_backend": getattr(trainer.scene.field.encoding, "backend", "torch"),
+        "hash_grid_backend": trainer.scene.field.encoding.backend,
+        "ray_marcher": "nerfacc" if device.type == "cuda" and nerfacc_kernels_available() else "pytorch",
         "model": {"id": prior.model_id, "revision": prior.revision},
         "versions": package_versions(),
         "eval": evaluation,

@@ -205,3 +205,23 @@ def test_a_full_disk_mid_run_is_one_line_and_keeps_the_state(tmp_path, monkeypat
     assert result.exit_code == 2, result.output
     assert "No space left on device" in result.output and "Traceback" not in result.output
     assert read_checkpoint(only_run(tmp_path) / "checkpoints" / "latest.safetensors").step == 4
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model", ["builtin", "tiny-sd"])
+def test_training_runs_on_cuda_and_resumes_on_the_cpu(model, tiny_sd_path, tmp_path):
+    """The GPU path end to end (fp16 guidance, nerfacc or the fallback marcher), then a CPU export."""
+    args = ["train", "a red cube", "--steps", "3", "--out", str(tmp_path), "--device", "cuda", *FAST,
+            "--set", "render.ambient_only_steps=1"]
+    if model == "builtin":
+        args += ["--model", "builtin"]
+    else:
+        args += ["--model", str(tiny_sd_path), "--offline", "--config", "configs/cpu-tiny.yaml", "--size", "32"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    run = only_run(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["device"].startswith("cuda") and summary["skipped_steps"] == 0
+    result = runner.invoke(app, ["export", str(run), "--format", "ply", "--resolution", "32", "--threshold", "0.5"])
+    assert result.exit_code == 0, result.output

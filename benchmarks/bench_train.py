@@ -21,7 +21,9 @@ from nfsd_nerf.guidance.distill import ScoreDistillation
 from nfsd_nerf.profiling import record_stages
 from nfsd_nerf.train import Trainer
 
-STAGES = ("cameras", "render", "encode", "noise_prediction", "rule", "backward", "optimizer", "occupancy")
+STAGES = ("cameras", "render", "march", "field", "shading", "encode", "noise_prediction", "rule", "backward",
+          "optimizer", "occupancy")
+"""Stages in data-flow order; march, field and shading are parts of render."""
 
 
 def _p90(values: list[float]) -> float:
@@ -56,7 +58,8 @@ def time_steps(cfg, prior, device: torch.device, *, warmup: int, steps: int, lab
         if not times:
             continue
         per_step = sum(times) / steps  # stages such as the occupancy refresh run on some steps only
-        rows.append({"name": f"{label}: {name}", "value": per_step * 1e3, "unit": "ms/step",
+        shown = f"  {name} (part of render)" if name in ("march", "field", "shading") else name
+        rows.append({"name": f"{label}: {shown}", "value": per_step * 1e3, "unit": "ms/step",
                      "note": f"p90 {_p90(times) * 1e3:.1f} ms over {len(times)} calls"})
     mean = statistics.mean(totals)
     rows.append({"name": f"{label}: whole step", "value": mean * 1e3, "unit": "ms/step",

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .cameras import Cameras, generate_rays
+from .profiling import stage
 
 Shading = Literal["albedo", "lambertian", "textureless"]
 SHADINGS = ("albedo", "lambertian", "textureless")
@@ -504,30 +505,33 @@ def render_rays(
     offsets = _ray_offsets(n_rays, step, stratified, generator, device)
 
     # 2. March: packed samples in occupied cells (no field evaluation in empty space)
-    use_nerfacc = rays_o.is_cuda and nerfacc_kernels_available()
-    if use_nerfacc:
-        ray_indices, t_starts, t_ends = _march_cuda(counted, rays_o, rays_d, occupancy, step, offsets, bound, early_stop_eps)
-    else:
-        ray_indices, t_starts, t_ends = march_rays_cpu(
-            rays_o, rays_d, bound=bound, step=step, offsets=offsets, occupancy=occupancy
-        )
+    with stage("march"):
+        use_nerfacc = rays_o.is_cuda and nerfacc_kernels_available()
+        if use_nerfacc:
+            ray_indices, t_starts, t_ends = _march_cuda(counted, rays_o, rays_d, occupancy, step, offsets, bound, early_stop_eps)
+        else:
+            ray_indices, t_starts, t_ends = march_rays_cpu(
+                rays_o, rays_d, bound=bound, step=step, offsets=offsets, occupancy=occupancy
+            )
 
     # 3. Field on the survivors
-    t_mid = 0.5 * (t_starts + t_ends)
-    x = rays_o[ray_indices] + t_mid[:, None] * rays_d[ray_indices]  # [S, 3]
-    if x.shape[0] > 0:
-        sigmas, albedo = counted(x)
-    else:
-        sigmas, albedo = x.new_zeros(0), x.new_zeros(0, 3)
-    if not use_nerfacc and early_stop_eps > 0 and x.shape[0] > 0:
-        # CPU early termination, without a second pass: the density pass above already paid for
-        # every sample (a no-grad pre-pass + a re-evaluation was measured slower on CPU), but the
-        # normals (6 more density evaluations each) are only needed in front of T < eps.
-        keep = _visible_after_density(t_starts, t_ends, sigmas, ray_indices, n_rays, early_stop_eps)
-        if not bool(keep.all()):
-            ray_indices, t_starts, t_ends, t_mid = ray_indices[keep], t_starts[keep], t_ends[keep], t_mid[keep]
-            x, sigmas, albedo = x[keep], sigmas[keep], albedo[keep]
-    dirs = rays_d[ray_indices]
+    with stage("field"):
+        t_mid = 0.5 * (t_starts + t_ends)
+        x = rays_o[ray_indices] + t_mid[:, None] * rays_d[ray_indices]  # [S, 3]
+        if x.shape[0] > 0:
+            sigmas, albedo = counted(x)
+        else:
+            sigmas, albedo = x.new_zeros(0), x.new_zeros(0, 3)
+        if not use_nerfacc and early_stop_eps > 0 and x.shape[0] > 0:
+            # CPU early termination, without a second pass: the density pass above already paid for
+            # every sample (a no-grad pre-pass + a re-evaluation was measured slower on CPU), but the
+            # normals (6 more density evaluations each) are only needed in front of T < eps.
+            keep = _visible_after_density(t_starts, t_ends, sigmas, ray_indices, n_rays, early_stop_eps)
+            if not bool(keep.all()):
+                ray_indices, t_starts, t_ends, t_mid = ray_indices[keep], t_starts[keep], t_ends[keep], t_mid[keep]
+                x, sigmas, albedo = x[keep], sigmas[keep], albedo[keep]
+        dirs = rays_d[ray_indices]
+
     # 4. Weights (they do not depend on the normals)
     if use_nerfacc and t_starts.numel() > 0:
         from nerfacc import render_weight_from_density
@@ -537,16 +541,17 @@ def render_rays(
         weights, _, _ = render_weight_from_density_packed(t_starts, t_ends, sigmas, ray_indices, n_rays)
 
     # 5. Normals and shading
-    want_normals = need_normals or shading != "albedo"
-    normals = x.new_zeros(x.shape[0], 3)
-    if want_normals and x.shape[0] > 0:
-        if torch.is_grad_enabled():
-            normals = counted.normals(x)
-        else:  # eval/export: skip normals where they cannot show (error <= NO_GRAD_NORMAL_WEIGHT_EPS each)
-            shows = weights >= NO_GRAD_NORMAL_WEIGHT_EPS
-            normals[shows] = counted.normals(x[shows])
-    lights = light_positions[ray_indices] if light_positions is not None else None
-    colors = shade(albedo, normals, x, lights, shading, ambient)
+    with stage("shading"):
+        want_normals = need_normals or shading != "albedo"
+        normals = x.new_zeros(x.shape[0], 3)
+        if want_normals and x.shape[0] > 0:
+            if torch.is_grad_enabled():
+                normals = counted.normals(x)
+            else:  # eval/export: skip normals where they cannot show (error <= NO_GRAD_NORMAL_WEIGHT_EPS each)
+                shows = weights >= NO_GRAD_NORMAL_WEIGHT_EPS
+                normals[shows] = counted.normals(x[shows])
+        lights = light_positions[ray_indices] if light_positions is not None else None
+        colors = shade(albedo, normals, x, lights, shading, ambient)
 
     # 6. Accumulation along the rays
     opacity = accumulate_along_rays_packed(weights, None, ray_indices, n_rays)

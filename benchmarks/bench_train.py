@@ -33,10 +33,7 @@ def _p90(values: list[float]) -> float:
 
 def time_steps(cfg, prior, device: torch.device, *, warmup: int, steps: int, label: str) -> list[dict]:
     """Run ``warmup`` + ``steps`` training steps and return one row per stage plus totals."""
-    g = cfg.guidance
-    distill = ScoreDistillation(prior, method=g.method, scale=g.scale, negative_prompt=g.negative_prompt,
-                                t_min=g.t_min, t_max=g.t_max, t_max_end=g.t_max_end, weighting=g.weighting,
-                                grad_clip=g.grad_clip)
+    distill = ScoreDistillation.from_config(prior, cfg.guidance)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp), device, prior, distill)
         for _ in range(warmup):

@@ -416,9 +416,7 @@ def run_training(
     g = cfg.guidance
     prior = load_prior(g.model, revision=g.revision, device=device, half_precision=g.half_precision,
                        offline=g.offline, image_size=cfg.render.size)
-    distill = ScoreDistillation(prior, method=g.method, scale=g.scale, negative_prompt=g.negative_prompt,
-                                t_min=g.t_min, t_max=g.t_max, t_max_end=g.t_max_end, weighting=g.weighting,
-                                grad_clip=g.grad_clip)
+    distill = ScoreDistillation.from_config(prior, g)
     cfg = dataclasses.replace(cfg, guidance=dataclasses.replace(g, scale=float(distill.scale),
                                                                negative_prompt=distill.negative_prompt))
     prior.embed(prompt_variants(cfg))  # every prompt the run will use, once: refuses unknown ones up front

@@ -260,7 +260,7 @@ def extract_mesh(
     if max_faces is not None and max_faces < 100:
         raise UserError(f"max_faces must be at least 100, got {max_faces!r}")
     bound = float(field.bound)
-    device = _module_device(field)
+    device = module_device(field)
 
     # 2. Density on the lattice
     mask = lattice_mask_from_occupancy(occupancy.binaries, bound, resolution) if occupancy is not None else None
@@ -282,7 +282,8 @@ def extract_mesh(
     return mesh
 
 
-def _module_device(module) -> torch.device:
+def module_device(module) -> torch.device:
+    """Device of a module's parameters (the CPU for a parameter-free module)."""
     try:
         return next(module.parameters()).device
     except (AttributeError, StopIteration):
@@ -294,7 +295,7 @@ def _module_device(module) -> torch.device:
 
 def albedo_fn_from_field(field, chunk: int = DEFAULT_CHUNK) -> AlbedoFn:
     """Wrap ``field(x) -> (sigma, albedo)`` as a numpy function points [N, 3] -> albedo [N, 3], no grad."""
-    device = _module_device(field)
+    device = module_device(field)
 
     @torch.no_grad()
     def albedo(points: np.ndarray) -> np.ndarray:

@@ -30,6 +30,7 @@ from torch import Tensor
 
 from ..cameras import Cameras, generate_rays, orbit_cameras
 from ..errors import UserError
+from .mesh import module_device
 
 MODES: tuple[str, ...] = ("rgb", "shaded", "textureless", "normal", "depth")
 EVAL_DISTANCE = 2.0
@@ -147,13 +148,6 @@ def check_video_inputs(frames: int, size: int, fps: float, elevation: float, mod
     return modes
 
 
-def _module_device(module) -> torch.device:
-    try:
-        return next(module.parameters()).device
-    except (AttributeError, StopIteration):
-        return torch.device("cpu")
-
-
 @torch.no_grad()
 def render_frame(
     field,
@@ -172,7 +166,7 @@ def render_frame(
     the first pass (``normals``: from the rendered depth, or the field's, see the module doc)."""
     from ..render import render_image
 
-    device = _module_device(field)
+    device = module_device(field)
     camera = camera.to(device)
     shadings = [m for m in modes if m in _SHADING] or ["rgb"]
     out: dict[str, Tensor] = {}

@@ -21,6 +21,7 @@ from .rules import RULES, Predictions, threshold_for_schedule, weight_from_times
 
 if TYPE_CHECKING:
     from ..cameras import Cameras
+    from ..config import GuidanceConfig
 
 
 def sample_timesteps(
@@ -85,6 +86,12 @@ class ScoreDistillation:
         self.weighting = weighting
         self.grad_clip = grad_clip
         self.threshold = threshold_for_schedule(prior.num_train_timesteps)
+
+    @classmethod
+    def from_config(cls, prior: DiffusionPrior, cfg: "GuidanceConfig") -> "ScoreDistillation":
+        """The rule and settings a run's ``guidance`` config section asks for."""
+        return cls(prior, method=cfg.method, scale=cfg.scale, negative_prompt=cfg.negative_prompt, t_min=cfg.t_min,
+                   t_max=cfg.t_max, t_max_end=cfg.t_max_end, weighting=cfg.weighting, grad_clip=cfg.grad_clip)
 
     def loss(
         self,

@@ -225,3 +225,12 @@ def test_training_runs_on_cuda_and_resumes_on_the_cpu(model, tiny_sd_path, tmp_p
     assert summary["device"].startswith("cuda") and summary["skipped_steps"] == 0
     result = runner.invoke(app, ["export", str(run), "--format", "ply", "--resolution", "32", "--threshold", "0.5"])
     assert result.exit_code == 0, result.output
+
+
+def test_coarse_to_fine_levels_follow_the_published_schedule():
+    from nfsd_nerf.config import Config, merge
+    from nfsd_nerf.train import active_levels
+
+    cfg = merge(Config(), {"train": {"start_levels": 8}})
+    assert [active_levels(s, cfg) for s in (0, 1999, 2000, 2499, 2500, 5499, 5500, 9999)] == [8, 8, 9, 9, 10, 15, 16, 16]
+    assert active_levels(0, Config()) == 16

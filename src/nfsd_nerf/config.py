@@ -195,6 +195,12 @@ class TrainConfig:
     """Write the latest checkpoint every N steps."""
     log_every: int = 10
     """Append a metrics line every N steps."""
+    start_levels: Optional[int] = None
+    """Coarse-to-fine: train with only this many hash-grid levels at first (unset: all from step 0)."""
+    level_growth_start: int = 2000
+    """Step at which the first finer level is switched on (with start_levels)."""
+    level_growth_every: int = 500
+    """Steps between switching on successive finer levels (with start_levels)."""
 
 
 @dataclass
@@ -339,8 +345,11 @@ def check_ranges(cfg: Config) -> None:
         "field.n_levels": cfg.field.n_levels, "field.n_features_per_level": cfg.field.n_features_per_level,
         "field.base_resolution": cfg.field.base_resolution, "field.hidden_dim": cfg.field.hidden_dim,
         "field.bound": cfg.field.bound, "field.blob_radius": cfg.field.blob_radius,
-        "optim.lr": cfg.optim.lr, "optim.eps": cfg.optim.eps,
+        "optim.lr": cfg.optim.lr, "optim.eps": cfg.optim.eps, "train.level_growth_every": cfg.train.level_growth_every,
     }
+    if cfg.train.start_levels is not None and not 1 <= cfg.train.start_levels <= cfg.field.n_levels:
+        raise UserError(f"train.start_levels must be between 1 and field.n_levels ({cfg.field.n_levels}), "
+                        f"got {cfg.train.start_levels}")
     for key, value in positive.items():
         if not value > 0:
             raise UserError(f"{key} must be positive, got {value!r}")

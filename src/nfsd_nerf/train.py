@@ -148,6 +148,16 @@ def prompt_variants(cfg: Config) -> list[str]:
     return prompts + [""] + ([cfg.guidance.negative_prompt] if cfg.guidance.negative_prompt else [])
 
 
+def active_levels(step: int, cfg: Config) -> int:
+    """Coarse-to-fine hash grid: ``start_levels`` until ``level_growth_start``, then one more level
+    every ``level_growth_every`` steps (threestudio's schedule: 8, +1 every 500 after step 2000)."""
+    t = cfg.train
+    if t.start_levels is None:
+        return cfg.field.n_levels
+    grown = 0 if step < t.level_growth_start else 1 + (step - t.level_growth_start) // t.level_growth_every
+    return min(cfg.field.n_levels, t.start_levels + grown)
+
+
 def orientation_weight(step: int, cfg: Config) -> float:
     lo, hi, ramp = cfg.loss.orientation_start, cfg.loss.orientation_end, cfg.loss.orientation_ramp_steps
     return hi if ramp <= 0 else lo + (hi - lo) * min(1.0, step / ramp)
@@ -245,6 +255,7 @@ class Trainer:
         cfg, scene, gen, step = self.cfg, self.scene, self.generator, self.step
         b, size = cfg.render.batch_size, cfg.render.size
         scene.field.train()
+        scene.field.encoding.active_levels = active_levels(step, cfg)
 
         # 1. Random cameras (with each view's azimuth/elevation for the prompts) and a shading mode
         with stage("cameras"):

@@ -322,8 +322,11 @@ class Trainer:
             loss.backward()
         with stage("optimizer"):
             grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-            param_grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else torch.zeros(())
-            skipped = not bool(torch.isfinite(loss) & torch.isfinite(param_grad_norm))
+            param_grad_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])) if grads else loss.new_zeros(())
+            # every scalar the step reports, read back from the device in one synchronisation
+            scalars = torch.stack([loss.detach(), param_grad_norm, info["grad_norm"].to(loss.device),
+                                   *(v.detach() for v in terms.values())]).tolist()
+            skipped = not (math.isfinite(scalars[0]) and math.isfinite(scalars[1]))
             if skipped:
                 self.optimizer.zero_grad(set_to_none=True)
                 self.skipped_total += 1
@@ -339,11 +342,11 @@ class Trainer:
 
         self.step += 1
         return StepResult(
-            loss=float(loss.detach()),
-            terms={k: float(v.detach()) for k, v in terms.items()},
-            t=[int(x) for x in info.get("t", [])],
-            grad_norm=float(info.get("grad_norm", float("nan"))),
-            param_grad_norm=float(param_grad_norm),
+            loss=scalars[0],
+            terms=dict(zip(terms, scalars[3:])),
+            t=[int(x) for x in info["t"]],
+            grad_norm=scalars[2],
+            param_grad_norm=scalars[1],
             skipped=skipped,
             shading=shading,
         )

@@ -104,7 +104,8 @@ class ScoreDistillation:
         """rgb [B, 3, H, W] in [0, 1], one prompt and camera per view -> (scalar loss, info).
 
         ``progress`` in [0, 1] anneals ``t_max``; every random draw comes from ``generator``.
-        info: ``t`` (list of B ints), ``grad_norm`` (float, L2 norm of the whole gradient).
+        info: ``t`` (list of B ints), ``grad_norm`` (0-dim tensor on the latents' device, L2 norm of
+        the whole gradient; left on the device so the caller decides when to synchronise).
         """
         with stage("encode"):
             z = self.prior.encode(rgb)
@@ -174,7 +175,7 @@ class ScoreDistillation:
 
         # 5. The surrogate loss carries ``grad`` back into whatever produced z.
         loss = surrogate_loss(z.float(), grad)
-        return loss, {"t": t_cpu.tolist(), "grad_norm": float(grad.norm())}
+        return loss, {"t": t_cpu.tolist(), "grad_norm": grad.norm()}
 
 
 def _repeat(embedding: Tensor, n: int) -> Tensor:

@@ -545,17 +545,12 @@ def _describe_device(device: torch.device) -> str:
 
 
 def _progress_bar(console, enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+    from rich.text import Text
 
-    class RateColumn(TextColumn):
-        def __init__(self):
-            super().__init__("")
-
+    class RateColumn(ProgressColumn):
         def render(self, task):
-            from rich.text import Text
-
-            speed = task.speed
-            return Text(f"{speed:.2f} it/s" if speed else "-- it/s")
+            return Text(f"{task.speed:.2f} it/s" if task.speed else "-- it/s")
 
     return Progress(
         TextColumn("[bold]train"),

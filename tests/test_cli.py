@@ -46,6 +46,7 @@ def test_console_script_starts_without_importing_heavy_libraries():
         (["train", "a red cube", "--model", "builtin", "--guidance", "vsd"], "nfsd or sds"),
         (["train", "a red cube", "--model", "builtin", "--device", "tpu"], "train.device"),
         (["train", "--resume", "/nonexistent/run"], "resume folder not found"),
+        (["train", "--resume", "/nonexistent/run", "--set", "render.size=8"], "drop the prompt, --config and --set"),
         (["train", "a red cube", "--model", "builtin", "--set", "train.log_every=0"], "train.log_every must be positive"),
         (["train", "a red cube", "--model", "builtin", "--set", "render.occupancy_update_every=0"], "occupancy_update_every"),
         (["train", "a red cube", "--model", "builtin", "--set", "field.bound=-1"], "field.bound must be positive"),

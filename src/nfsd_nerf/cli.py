@@ -73,7 +73,7 @@ def train(
     negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt (NFSD default: the paper's)."),
     size: Optional[int] = typer.Option(None, help="Training render resolution in pixels."),
     out: Path = typer.Option(Path("outputs"), help="Parent folder of the run folder."),
-    device: Optional[str] = typer.Option(None, help="auto, cuda, mps or cpu."),
+    device: Optional[str] = typer.Option(None, help="auto (CUDA when available), cuda or cpu."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder (no prompt needed)."),
 ) -> None:
     """Optimize a NeRF from a text prompt with NFSD (or SDS)."""
@@ -97,8 +97,8 @@ def train(
 
         ckpt = None
         if resume is not None:
-            if prompt is not None or config is not None:
-                raise UserError("--resume continues a run with its own prompt and config: drop the prompt and --config")
+            if prompt is not None or config is not None or overrides:
+                raise UserError("--resume continues a run with its own prompt and config: drop the prompt, --config and --set")
             if not resume.is_dir():
                 raise UserError(f"resume folder not found: {resume}")
             ckpt = read_checkpoint(resume / "checkpoints" / LATEST)
@@ -252,7 +252,7 @@ def image(
     revision: Optional[str] = typer.Option(None, help="Hub revision of --model."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network."),
     out: Path = typer.Option(Path("outputs/images"), help="Folder for the PNGs."),
-    device: str = typer.Option("auto", help="auto, cuda, mps or cpu."),
+    device: str = typer.Option("auto", help="auto (CUDA when available), cuda or cpu."),
 ) -> None:
     """The paper's 2D experiment: optimize one image (a latent) directly with NFSD or SDS."""
 

@@ -269,8 +269,8 @@ def image(
             raise UserError(f"--guidance {guidance!r}: expected nfsd or sds")
         if steps <= 0:
             raise UserError(f"--steps must be positive, got {steps}")
-        if device not in ("auto", "cuda", "mps", "cpu"):
-            raise UserError(f"--device {device!r}: expected auto, cuda, mps or cpu")
+        if device not in ("auto", "cuda", "cpu"):
+            raise UserError(f"--device {device!r}: expected auto, cuda or cpu")
         folder = out / slugify(prompt)
         check_writable(folder)
         console = Console(soft_wrap=True)

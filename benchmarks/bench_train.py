@@ -7,7 +7,6 @@ CUDA the default preset (64x64, 16 levels, 512 samples) with the full-size SD 2.
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import tempfile
 import time

@@ -374,11 +374,6 @@ def check_ranges(cfg: Config) -> None:
     for key, value in unit.items():
         if not 0 <= value <= 1:
             raise UserError(f"{key} must be in [0, 1], got {value!r}")
-    g = cfg.guidance
-    t_end = g.t_max if g.t_max_end is None else g.t_max_end
-    if not (0 <= g.t_min < g.t_max <= 1 and g.t_min < t_end <= 1):
-        raise UserError(f"guidance.t_min, t_max, t_max_end must satisfy 0 <= t_min < t_max(_end) <= 1, "
-                        f"got {g.t_min}, {g.t_max}, {g.t_max_end}")
     for key, (lo, hi) in {"cameras.distance_range": cfg.cameras.distance_range,
                           "cameras.fovy_range": cfg.cameras.fovy_range,
                           "cameras.elevation_range": cfg.cameras.elevation_range,

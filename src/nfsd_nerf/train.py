@@ -19,6 +19,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from . import __version__
@@ -172,9 +173,8 @@ def marching_step_size(cfg: Config) -> float:
     return 2.0 * math.sqrt(3.0) * cfg.field.bound / cfg.render.n_samples
 
 
-def preview_panel(images: dict[str, torch.Tensor], background: torch.Tensor | None = None) -> "np.ndarray":
+def preview_panel(images: dict[str, torch.Tensor]) -> np.ndarray:
     """rgb | normal | opacity side by side, uint8 [H, 3W, 3], from one view of ``render_image``."""
-    import numpy as np
 
     rgb = images["rgb"][0].clamp(0, 1)
     opacity = images["opacity"][0].clamp(0, 1)[..., None]
@@ -410,7 +410,7 @@ def run_training(
     from rich.console import Console
 
     from .guidance import load_prior
-    from .guidance.distill import ScoreDistillation
+    from .guidance.distill import ScoreDistillation, check_settings, settings_from_config
     from .render import nerfacc_kernels_available
 
     console = console or Console()
@@ -420,6 +420,7 @@ def run_training(
     if not cfg.prompt.strip():
         raise UserError("the prompt is empty: give a text prompt, e.g. nfsd-nerf train \"a red cube\" --model builtin")
     check_ranges(cfg)
+    check_settings(**settings_from_config(cfg.guidance))
     if resume is None:
         check_writable(out)
     device = resolve_device(cfg.train.device)

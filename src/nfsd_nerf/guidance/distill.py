@@ -48,6 +48,29 @@ def surrogate_loss(z: Tensor, grad: Tensor) -> Tensor:
     return 0.5 * (z - target).pow(2).sum() / z.shape[0]
 
 
+def settings_from_config(cfg: "GuidanceConfig") -> dict:
+    """The keyword arguments of :class:`ScoreDistillation` that a ``guidance`` config section sets."""
+    return dict(method=cfg.method, scale=cfg.scale, negative_prompt=cfg.negative_prompt, t_min=cfg.t_min,
+                t_max=cfg.t_max, t_max_end=cfg.t_max_end, weighting=cfg.weighting, grad_clip=cfg.grad_clip)
+
+
+def check_settings(*, method: str, scale: float | None, t_min: float, t_max: float, t_max_end: float | None,
+                   weighting: str, grad_clip: float | None, **_) -> None:
+    """Refuse bad guidance settings with the key's name; cheap, so callers run it before loading a model."""
+    if method not in RULES:
+        raise UserError(f"unknown guidance method {method!r} (known: {', '.join(RULES)})")
+    if not 0.0 <= t_min <= t_max <= 1.0:
+        raise UserError(f"guidance.t_min/t_max: need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
+    if t_max_end is not None and not t_min <= t_max_end <= 1.0:
+        raise UserError(f"guidance.t_max_end={t_max_end} must lie in [t_min={t_min}, 1]")
+    if scale is not None and not math.isfinite(scale):
+        raise UserError(f"guidance scale must be a finite number, got {scale}")
+    if grad_clip is not None and not grad_clip > 0:
+        raise UserError(f"guidance.grad_clip must be positive, got {grad_clip}")
+    if weighting not in ("sds", "uniform"):
+        raise UserError(f"unknown guidance weighting {weighting!r} (known: 'sds', 'uniform')")
+
+
 class ScoreDistillation:
     """Shared by every rule in :data:`~nfsd_nerf.guidance.rules.RULES`; holds the resolved settings."""
 
@@ -64,18 +87,8 @@ class ScoreDistillation:
         weighting: Literal["sds", "uniform"] = "sds",
         grad_clip: float | None = None,
     ):
-        if method not in RULES:
-            raise UserError(f"unknown guidance method {method!r} (known: {', '.join(RULES)})")
-        if not 0.0 <= t_min <= t_max <= 1.0:
-            raise UserError(f"guidance times need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
-        if t_max_end is not None and not t_min <= t_max_end <= 1.0:
-            raise UserError(f"guidance.t_max_end={t_max_end} must lie in [t_min={t_min}, 1]")
-        if scale is not None and not math.isfinite(scale):
-            raise UserError(f"guidance scale must be a finite number, got {scale}")
-        if grad_clip is not None and not grad_clip > 0:
-            raise UserError(f"guidance.grad_clip must be positive, got {grad_clip}")
-        if weighting not in ("sds", "uniform"):
-            raise UserError(f"unknown guidance weighting {weighting!r} (known: 'sds', 'uniform')")
+        check_settings(method=method, scale=scale, t_min=t_min, t_max=t_max, t_max_end=t_max_end,
+                       weighting=weighting, grad_clip=grad_clip)
         self.prior = prior
         self.method = method
         self.rule = RULES[method]
@@ -90,8 +103,7 @@ class ScoreDistillation:
     @classmethod
     def from_config(cls, prior: DiffusionPrior, cfg: "GuidanceConfig") -> "ScoreDistillation":
         """The rule and settings a run's ``guidance`` config section asks for."""
-        return cls(prior, method=cfg.method, scale=cfg.scale, negative_prompt=cfg.negative_prompt, t_min=cfg.t_min,
-                   t_max=cfg.t_max, t_max_end=cfg.t_max_end, weighting=cfg.weighting, grad_clip=cfg.grad_clip)
+        return cls(prior, **settings_from_config(cfg))
 
     def loss(
         self,

@@ -130,12 +130,36 @@ def sample_training_cameras(
     return cams.to(device)
 
 
+@dataclass(frozen=True)
+class Orbit:
+    """A circle of cameras at one distance and elevation, looking at the origin."""
+
+    distance: float
+    fovy_deg: float
+    elevation_deg: float
+    start_azimuth_deg: float = 0.0
+
+    def cameras(self, n_frames: int, *, elevation_deg: float | None = None, device: torch.device | str = "cpu") -> "Cameras":
+        """``n_frames`` views of this orbit (``elevation_deg`` overrides the orbit's)."""
+        elevation = self.elevation_deg if elevation_deg is None else float(elevation_deg)
+        return orbit_cameras(n_frames, distance=self.distance, fovy_deg=self.fovy_deg, elevation_deg=elevation,
+                             start_azimuth_deg=self.start_azimuth_deg, device=device)
+
+
+TURNTABLE_ORBIT = Orbit(distance=2.0, fovy_deg=70.0, elevation_deg=15.0)
+"""Turntable videos: the published evaluation orbit of text-to-3D papers (threestudio ``dreamfusion-sd``)."""
+
+EVALUATION_ORBIT = Orbit(distance=1.75, fovy_deg=55.0, elevation_deg=17.5, start_azimuth_deg=22.5)
+"""Metrics against the built-in prior's true object: mid-range distance and fov, inside the training
+distribution, and off the axes so that no view coincides with a reference camera of the prior."""
+
+
 def orbit_cameras(
     n_frames: int,
     *,
-    distance: float = 2.0,
-    fovy_deg: float = 70.0,
-    elevation_deg: float = 15.0,
+    distance: float = TURNTABLE_ORBIT.distance,
+    fovy_deg: float = TURNTABLE_ORBIT.fovy_deg,
+    elevation_deg: float = TURNTABLE_ORBIT.elevation_deg,
     start_azimuth_deg: float = 0.0,
     device: torch.device | str = "cpu",
 ) -> Cameras:

@@ -12,15 +12,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .cameras import Cameras, orbit_cameras
+from .cameras import EVALUATION_ORBIT, Cameras
 from .errors import UserError
 
 EVAL_VIEWS = 8
-EVAL_DISTANCE = 1.75
-EVAL_FOVY_DEG = 55.0
-EVAL_ELEVATION_DEG = 17.5
-EVAL_START_AZIMUTH_DEG = 22.5
-"""Orbit of the evaluation cameras: mid-range distance and fov, off the axes, looking at the origin."""
+"""Views of :data:`~nfsd_nerf.cameras.EVALUATION_ORBIT` the metrics average over."""
 
 EVAL_SUPERSAMPLE = 4
 """The true object is antialiased with 4x4 subpixels, so its coverage is a fine estimate of the box-filtered truth."""
@@ -31,8 +27,7 @@ SILHOUETTE_THRESHOLD = 0.5
 
 def evaluation_cameras(device: torch.device | str = "cpu") -> Cameras:
     """The 8 fixed evaluation cameras."""
-    return orbit_cameras(EVAL_VIEWS, distance=EVAL_DISTANCE, fovy_deg=EVAL_FOVY_DEG, elevation_deg=EVAL_ELEVATION_DEG,
-                         start_azimuth_deg=EVAL_START_AZIMUTH_DEG, device=device)
+    return EVALUATION_ORBIT.cameras(EVAL_VIEWS, device=device)
 
 
 def psnr_from_mse(mse: Tensor) -> Tensor:

@@ -1,0 +1,125 @@
+"""Files that are either the old version or the complete new one: every output goes through here.
+
+A crash, a full disk or Ctrl-C never leaves a half-written file under its final name: data is
+written to a temporary name in the same folder (so the rename cannot cross file systems),
+flushed to disk, given the user's umask (``mkstemp`` would make it private) and renamed into
+place with ``os.replace``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import time
+from contextlib import ExitStack, contextmanager
+from datetime import datetime
+from pathlib import Path
+from typing import Iterator
+
+from .errors import UserError
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_target(path: Path | str) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on failure it vanishes.
+
+    For writers that need a file name rather than bytes (video encoders, ``safetensors.save_file``).
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        os.chmod(tmp, 0o666 & ~_umask())
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def atomic_write_bytes(path: Path | str, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (fsynced before the rename)."""
+    path = Path(path)
+    with atomic_target(path) as tmp:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+    return path
+
+
+def atomic_copy(source: Path | str, target: Path | str) -> Path:
+    """Make ``target`` a complete copy of ``source`` atomically: a hard link where the file system
+    has them (checkpoints are never modified in place, only replaced), else a copy."""
+    source, target = Path(source), Path(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
+    try:
+        os.link(source, tmp)
+        os.replace(tmp, target)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        atomic_write_bytes(target, source.read_bytes())
+    return target
+
+
+def write_files_atomically(folder: Path | str, files: dict[str, bytes]) -> list[Path]:
+    """Write ``{name: bytes}`` into ``folder`` (created if needed): every file is written in full
+    under a temporary name first, then all are renamed in the dict's order (so a file that names
+    others, like an OBJ naming its MTL, lands last). A failure leaves no partial file and the
+    earlier versions in place. OSErrors become :class:`UserError`."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with ExitStack() as stack:
+            # entered in reverse so that the stack, unwinding last-in first-out, renames in order
+            staged = {name: stack.enter_context(atomic_target(folder / name)) for name in reversed(files)}
+            for name, data in files.items():
+                with open(staged[name], "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+        return [folder / name for name in files]
+    except OSError as exc:
+        raise UserError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+
+
+def check_writable(folder: Path | str) -> None:
+    """Fail before any expensive work if ``folder`` cannot be created or written."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".nfsd-nerf-write-test-{time.time_ns()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"output folder {folder} is not writable: {exc.strerror or exc}") from None
+
+
+def slugify(text: str, max_len: int = 48) -> str:
+    """A folder-name-safe form of a prompt: ``"A red cube!"`` -> ``"a-red-cube"``."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    return slug[:max_len].rstrip("-") or "run"
+
+
+def new_run_dir(out: Path | str, prompt: str, now: datetime | None = None) -> Path:
+    """``OUT/<slug>-<YYYYmmdd-HHMMSS>``; never an existing folder (a suffix is added instead)."""
+    out = Path(out)
+    stamp = (now or datetime.now()).strftime("%Y%m%d-%H%M%S")
+    base = out / f"{slugify(prompt)}-{stamp}"
+    candidate, n = base, 1
+    while True:
+        try:
+            candidate.mkdir(parents=True, exist_ok=False)
+            return candidate
+        except FileExistsError:
+            n += 1
+            candidate = base.with_name(f"{base.name}-{n}")
+        except OSError as exc:
+            raise UserError(f"cannot create the run folder in {out}: {exc.strerror or exc}") from None

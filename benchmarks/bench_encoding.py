@@ -1,11 +1,12 @@
 """Hash-grid throughput: forward+backward and forward-only, in million points per second.
 
-Default setting (threestudio / Instant-NGP): 2^16 random points in [0, 1]^3, 16 levels x 2
-features, tables of 2^19 entries, base resolution 16, per-level scale 1.447269; gradient on the
-whole table; ``zero_grad`` (set to None) is inside the timed step; eager mode. The best of
-``repeats`` timings is reported (the median too), after two warm-up steps.
+Default setting (threestudio / Instant-NGP; ``FieldConfig``'s hash grid): 2^16 random points in
+[0, 1]^3, 16 levels x 2 features, tables of 2^19 entries, base resolution 16, per-level scale
+1.447269; gradient on the whole table; ``zero_grad`` (set to None) is inside the timed step;
+eager mode. The best of ``repeats`` timings is reported (the median too), after two warm-up
+steps.
 
-On the CPU, ``tune_allocator`` first calls :func:`nfsd_nerf.encoding.tune_cpu_allocator`
+On the CPU, ``tune_allocator`` first calls :func:`nfsd_nerf.runtime.tune_cpu_allocator`
 (process-wide): without it glibc returns freed memory to the OS and every large temporary pays
 page faults again, which makes this benchmark 2-4x slower in a VM.
 """
@@ -20,10 +21,12 @@ from pathlib import Path
 import torch
 
 try:
-    from nfsd_nerf.encoding import HashGridEncoding, tune_cpu_allocator
+    from nfsd_nerf.config import FieldConfig
 except ImportError:  # run from a checkout without the editable install
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from nfsd_nerf.encoding import HashGridEncoding, tune_cpu_allocator
+    from nfsd_nerf.config import FieldConfig
+from nfsd_nerf.encoding import HashGridEncoding
+from nfsd_nerf.runtime import tune_cpu_allocator
 
 
 def _timed(fn, repeats: int, device: torch.device) -> list[float]:
@@ -60,7 +63,7 @@ def bench_hash_grid(
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     tuned = tune_allocator and dev.type == "cpu" and tune_cpu_allocator()
     torch.manual_seed(seed)
-    encoding = HashGridEncoding(backend=backend).to(dev)
+    encoding = HashGridEncoding.from_config(FieldConfig(backend=backend)).to(dev)
     gen = torch.Generator(device=dev).manual_seed(seed)
     x = torch.rand(n_points, 3, device=dev, generator=gen)
     grad_out = torch.randn(n_points, encoding.n_output_dims, device=dev, generator=gen)

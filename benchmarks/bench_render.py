@@ -15,12 +15,11 @@ the initial blob first, as training does, so skipping is what step 16 of a run s
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 
 import torch
 
 from nfsd_nerf.cameras import generate_rays, sample_training_cameras
-from nfsd_nerf.config import FieldConfig
+from nfsd_nerf.config import BackgroundConfig, FieldConfig
 from nfsd_nerf.field import Background, NeRFField
 from nfsd_nerf.render import OccupancyGrid, render_rays, step_size_from_samples
 
@@ -32,8 +31,8 @@ SETTINGS = {
 
 def _one_setting(field_kw: dict, n_samples: int, size: int, repeats: int, device: str, early_stop_eps: float) -> dict:
     torch.manual_seed(0)
-    field = NeRFField(**{**asdict(FieldConfig()), **field_kw}).to(device)
-    background = Background(kind="mlp").to(device)
+    field = NeRFField(FieldConfig(**field_kw)).to(device)
+    background = Background(BackgroundConfig(kind="mlp")).to(device)
     grid = OccupancyGrid(field.bound, 32).to(device)
     gen = torch.Generator().manual_seed(0)
     grid.update(0, field.density, step_size=step_size_from_samples(field.bound, n_samples), generator=gen)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from nfsd_nerf.config import FieldConfig
+from nfsd_nerf.config import BackgroundConfig, FieldConfig
+from nfsd_nerf.encoding import HashGridEncoding
 from nfsd_nerf.field import (
     Background,
     NeRFField,
@@ -17,13 +19,13 @@ from nfsd_nerf.field import (
     trunc_exp,
 )
 
-SMALL = dict(n_levels=4, n_features_per_level=2, log2_hashmap_size=12, base_resolution=4, per_level_scale=2.0,
-             hidden_dim=16, n_hidden_layers=1, bound=1.0, backend="torch")
+SMALL = FieldConfig(n_levels=4, n_features_per_level=2, log2_hashmap_size=12, base_resolution=4, per_level_scale=2.0,
+                    hidden_dim=16, n_hidden_layers=1, bound=1.0, backend="torch")
 
 
 def _field(**overrides) -> NeRFField:
     torch.manual_seed(0)
-    return NeRFField(**{**SMALL, **overrides})
+    return NeRFField(dataclasses.replace(SMALL, **overrides))
 
 
 def _roughen(field: NeRFField, scale: float = 1.0) -> NeRFField:
@@ -43,15 +45,29 @@ def _sphere_points(n: int, radius: float, seed: int = 0) -> torch.Tensor:
 
 
 def test_builds_from_field_config_and_state_dict_is_stable():
-    from dataclasses import asdict
-
-    field = NeRFField(**{**asdict(FieldConfig()), **{k: SMALL[k] for k in ("n_levels", "log2_hashmap_size")}})
+    field = NeRFField(FieldConfig(n_levels=SMALL.n_levels, log2_hashmap_size=SMALL.log2_hashmap_size))
     assert set(field.state_dict()) == {"encoding.params", "mlp.0.weight", "mlp.2.weight"}
     assert field.mlp[0].weight.shape == (64, 8) and field.mlp[2].weight.shape == (4, 64)
     deep = _field(n_hidden_layers=3, hidden_dim=8)
     assert set(deep.state_dict()) == {"encoding.params", "mlp.0.weight", "mlp.2.weight", "mlp.4.weight", "mlp.6.weight"}
     flat = _field(n_hidden_layers=0)
     assert flat.mlp[0].weight.shape == (4, 8)
+
+
+def test_reads_its_settings_from_the_config():
+    field = _field(bound=1.5, blob_density=7.0, blob_radius=0.6, density_activation="trunc_exp", normal_method="analytic")
+    assert (field.bound, field.blob_density, field.blob_radius) == (1.5, 7.0, 0.6)
+    assert (field.density_activation, field.normal_method) == ("trunc_exp", "analytic")
+    assert field.normal_eps == pytest.approx(5e-3 * 1.5)
+    assert field.encoding.tcnn_encoding_config()["n_levels"] == SMALL.n_levels
+
+
+def test_hash_table_is_drawn_before_the_mlp():
+    """Seeded runs depend on the order: the hash table's draw comes first."""
+    field = _field()
+    torch.manual_seed(0)
+    encoding = HashGridEncoding.from_config(SMALL)
+    assert torch.equal(field.encoding.params, encoding.params)
 
 
 def test_bad_choices_are_refused():
@@ -135,8 +151,8 @@ def test_analytic_and_finite_difference_normals_agree_on_a_smooth_field():
     u = (x + 1.0) / 2.0
     eps_u = 2 * fd.normal_eps / 2.0
     far_from_faces = torch.ones(len(x), dtype=torch.bool)
-    for level in range(SMALL["n_levels"]):
-        scale = 2.0**level * SMALL["base_resolution"] - 1
+    for level in range(SMALL.n_levels):
+        scale = 2.0**level * SMALL.base_resolution - 1
         frac = (scale * u + 0.5).frac()
         far_from_faces &= ((frac > scale * eps_u) & (frac < 1 - scale * eps_u)).all(-1)
     x = x[far_from_faces][:500]
@@ -186,7 +202,7 @@ def test_frequency_encoding_hand_values():
 
 
 def test_solid_background_is_its_colour_and_has_no_state():
-    bg = Background(kind="solid", color=(0.1, 0.2, 0.3), random_solid_prob=0.5)
+    bg = Background(BackgroundConfig(kind="solid", color=(0.1, 0.2, 0.3), random_solid_prob=0.5))
     dirs = F.normalize(torch.randn(7, 3), dim=-1)
     assert torch.allclose(bg(dirs), torch.tensor([[0.1, 0.2, 0.3]] * 7))
     assert bg.state_dict() == {} and list(bg.parameters()) == []
@@ -195,7 +211,7 @@ def test_solid_background_is_its_colour_and_has_no_state():
 
 def test_mlp_background_depends_on_direction_and_learns():
     torch.manual_seed(0)
-    bg = Background(kind="mlp")
+    bg = Background(BackgroundConfig(kind="mlp"))
     dirs = F.normalize(torch.randn(64, 3), dim=-1)
     rgb = bg(dirs)
     assert rgb.shape == (64, 3) and ((rgb > 0) & (rgb < 1)).all()
@@ -215,7 +231,7 @@ def test_mlp_background_depends_on_direction_and_learns():
 
 def test_background_rejects_unknown_kind():
     with pytest.raises(ValueError, match="kind"):
-        Background(kind="hdri")
+        Background(BackgroundConfig(kind="hdri"))
 
 
 # --------------------------------------------------------------------------- with the renderer
@@ -226,7 +242,7 @@ def test_initial_field_renders_a_centred_blob():
     from nfsd_nerf.render import OccupancyGrid, render_image, step_size_from_samples
 
     field = _field(bound=1.0, blob_density=10.0, blob_radius=0.5)
-    bg = Background(kind="solid", color=(1.0, 1.0, 1.0))
+    bg = Background(BackgroundConfig(kind="solid", color=(1.0, 1.0, 1.0)))
     grid = OccupancyGrid(1.0, 16)
     grid.update(0, field.density, step_size=step_size_from_samples(1.0, 64), generator=torch.Generator().manual_seed(0))
     assert grid.occupied_fraction() < 0.2  # only the blob's cells survive

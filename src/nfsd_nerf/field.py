@@ -1,6 +1,6 @@
 """The radiance field (hash grid + small MLP -> density, albedo) and the background model.
 
-Density follows threestudio's ``dreamfusion-sd`` / Magic3D setup (DESIGN.md section 4):
+Density follows threestudio's ``dreamfusion-sd`` / Magic3D setup (docs/design.md, section 4):
 ``sigma = act(raw + blob(x))`` with ``blob(x) = blob_density * (1 - |x| / blob_radius)``, so training
 starts from a centred ball; ``act`` is softplus or trunc_exp. The MLP has no biases (like
 tiny-cuda-nn's fused MLP and threestudio's), so at initialisation (hash features ~1e-4) the
@@ -10,13 +10,16 @@ density is exactly the blob and the albedo exactly 0.5 grey.
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .encoding import HashGridEncoding
+
+if TYPE_CHECKING:
+    from .config import BackgroundConfig, FieldConfig
 
 DensityActivation = Literal["softplus", "trunc_exp"]
 NormalMethod = Literal["analytic", "finite_difference"]
@@ -88,48 +91,25 @@ class NeRFField(nn.Module):
     """Density and albedo over the scene box [-bound, bound]^3; zero density outside it.
 
     State dict: ``encoding.params`` (the hash table, tcnn layout) and ``mlp.<i>.weight``.
-    Keyword arguments are exactly :class:`~nfsd_nerf.config.FieldConfig`'s fields.
+    Built from a :class:`~nfsd_nerf.config.FieldConfig`, the one place its settings default.
     """
 
-    def __init__(
-        self,
-        *,
-        n_levels: int = 16,
-        n_features_per_level: int = 2,
-        log2_hashmap_size: int = 19,
-        base_resolution: int = 16,
-        per_level_scale: float = 1.447269,
-        hidden_dim: int = 64,
-        n_hidden_layers: int = 1,
-        bound: float = 2.0,
-        density_activation: DensityActivation = "softplus",
-        blob_density: float = 10.0,
-        blob_radius: float = 0.5,
-        normal_method: NormalMethod = "finite_difference",
-        backend: Literal["auto", "tcnn", "torch"] = "auto",
-    ):
+    def __init__(self, cfg: FieldConfig):
         super().__init__()
-        if density_activation not in ("softplus", "trunc_exp"):
-            raise ValueError(f"density_activation must be 'softplus' or 'trunc_exp', got {density_activation!r}")
-        if normal_method not in ("analytic", "finite_difference"):
-            raise ValueError(f"normal_method must be 'analytic' or 'finite_difference', got {normal_method!r}")
-        if bound <= 0 or blob_radius <= 0:
-            raise ValueError(f"bound and blob_radius must be positive, got {bound} and {blob_radius}")
-        self.bound = float(bound)
-        self.density_activation = density_activation
-        self.blob_density = float(blob_density)
-        self.blob_radius = float(blob_radius)
-        self.normal_method = normal_method
+        if cfg.density_activation not in ("softplus", "trunc_exp"):
+            raise ValueError(f"density_activation must be 'softplus' or 'trunc_exp', got {cfg.density_activation!r}")
+        if cfg.normal_method not in ("analytic", "finite_difference"):
+            raise ValueError(f"normal_method must be 'analytic' or 'finite_difference', got {cfg.normal_method!r}")
+        if cfg.bound <= 0 or cfg.blob_radius <= 0:
+            raise ValueError(f"bound and blob_radius must be positive, got {cfg.bound} and {cfg.blob_radius}")
+        self.bound = float(cfg.bound)
+        self.density_activation: DensityActivation = cfg.density_activation
+        self.blob_density = float(cfg.blob_density)
+        self.blob_radius = float(cfg.blob_radius)
+        self.normal_method: NormalMethod = cfg.normal_method
         self.normal_eps = NORMAL_EPS_PER_BOUND * self.bound
-        self.encoding = HashGridEncoding(
-            n_levels=n_levels,
-            n_features_per_level=n_features_per_level,
-            log2_hashmap_size=log2_hashmap_size,
-            base_resolution=base_resolution,
-            per_level_scale=per_level_scale,
-            backend=backend,
-        )
-        self.mlp = _mlp(self.encoding.n_output_dims, hidden_dim, n_hidden_layers, 4, bias=False)
+        self.encoding = HashGridEncoding.from_config(cfg)  # initialised before the MLP: seeded runs depend on it
+        self.mlp = _mlp(self.encoding.n_output_dims, cfg.hidden_dim, cfg.n_hidden_layers, 4, bias=False)
 
     def _activate(self, raw: Tensor) -> Tensor:
         return F.softplus(raw) if self.density_activation == "softplus" else trunc_exp(raw)
@@ -190,29 +170,24 @@ class Background(nn.Module):
 
     ``mlp``: a small MLP on the frequency-encoded view direction (27 -> 16 -> 3, sigmoid), learned.
     ``solid``: the fixed ``color``. ``random_solid_prob`` is stored for the training loop, which
-    decides per step whether to replace the background by a random colour.
+    decides per step whether to replace the background by a random colour. Built from a
+    :class:`~nfsd_nerf.config.BackgroundConfig`.
     """
 
     N_FREQUENCIES = 4
     HIDDEN = 16
 
-    def __init__(
-        self,
-        *,
-        kind: Literal["mlp", "solid"] = "mlp",
-        color: tuple[float, float, float] = (1.0, 1.0, 1.0),
-        random_solid_prob: float = 0.0,
-    ):
+    def __init__(self, cfg: BackgroundConfig):
         super().__init__()
-        if kind not in ("mlp", "solid"):
-            raise ValueError(f"background kind must be 'mlp' or 'solid', got {kind!r}")
-        if len(color) != 3:
-            raise ValueError(f"background color must have 3 values, got {color!r}")
-        self.kind = kind
-        self.random_solid_prob = float(random_solid_prob)
+        if cfg.kind not in ("mlp", "solid"):
+            raise ValueError(f"background kind must be 'mlp' or 'solid', got {cfg.kind!r}")
+        if len(cfg.color) != 3:
+            raise ValueError(f"background color must have 3 values, got {cfg.color!r}")
+        self.kind = cfg.kind
+        self.random_solid_prob = float(cfg.random_solid_prob)
         # not saved: it comes from the config
-        self.register_buffer("color", torch.tensor([float(c) for c in color]), persistent=False)
-        if kind == "mlp":
+        self.register_buffer("color", torch.tensor([float(c) for c in cfg.color]), persistent=False)
+        if cfg.kind == "mlp":
             self.mlp = _mlp(3 * (1 + 2 * self.N_FREQUENCIES), self.HIDDEN, 1, 3, bias=True)
 
     def forward(self, dirs: Tensor) -> Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import torch
 
@@ -11,6 +11,8 @@ from .config import Config
 
 @dataclass
 class Scene:
+    """The trainable parts of a run; checkpoints save each under its name in :meth:`modules`."""
+
     field: "torch.nn.Module"
     background: "torch.nn.Module"
     occupancy: "torch.nn.Module"
@@ -21,14 +23,16 @@ class Scene:
 
 
 def build_scene(cfg: Config, device: torch.device | str = "cpu") -> Scene:
-    """Fresh field, background and occupancy grid for ``cfg`` on ``device``."""
+    """Fresh field, background and occupancy grid for ``cfg`` on ``device``.
+
+    Parameters are drawn in this order (field hash table, field MLP, background MLP), so the same
+    torch seed gives the same scene.
+    """
     from .field import Background, NeRFField
     from .render import OccupancyGrid
 
-    field = NeRFField(**asdict(cfg.field)).to(device)
-    background = Background(
-        kind=cfg.background.kind, color=cfg.background.color, random_solid_prob=cfg.background.random_solid_prob
-    ).to(device)
+    field = NeRFField(cfg.field).to(device)
+    background = Background(cfg.background).to(device)
     occupancy = OccupancyGrid(
         bound=cfg.field.bound,
         resolution=cfg.render.occupancy_resolution,

@@ -1,4 +1,4 @@
-"""Measure a NeRF trained on the built-in prior against the true object (DESIGN.md section 9).
+"""Measure a NeRF trained on the built-in prior against the true object (docs/design.md, section 7).
 
 The field and the analytic object are rendered from the same 8 fixed evaluation cameras (an
 orbit inside the training distribution that coincides with no reference camera), and compared

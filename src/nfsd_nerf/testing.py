@@ -1,6 +1,6 @@
 """Random-weight Stable Diffusion pipelines for tests and benchmarks (no download needed).
 
-* :func:`build_tiny_sd` saves a tiny pipeline with the real layout (DESIGN.md section 7), ~4.5 MB,
+* :func:`build_tiny_sd` saves a tiny pipeline with the real layout (docs/design.md, section 6), ~4.5 MB,
   that loads through the same path as a user's folder.
 * :func:`build_full_size_sd_prior` builds the full SD 2.1-base architecture with random weights
   directly on a device: the same arithmetic as the real model, for speed and memory benchmarks.
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+import tempfile
 from pathlib import Path
 
 import torch
@@ -101,7 +102,7 @@ def build_tiny_sd(folder: Path, *, prediction_type: str = "epsilon") -> Path:
 def build_full_size_sd_prior(device: torch.device | str, half_precision: bool = True):
     """SD 2.1-base's UNet, VAE and text encoder with random weights on ``device`` (fp16 on CUDA)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from .guidance.stable_diffusion import StableDiffusionPrior
 
@@ -123,10 +124,9 @@ def build_full_size_sd_prior(device: torch.device | str, half_precision: bool = 
         vocab_size=49408, hidden_size=1024, intermediate_size=4096, num_attention_heads=16, num_hidden_layers=23,
         max_position_embeddings=77, hidden_act="gelu", projection_dim=512,
     ))
-    folder = Path(__import__("tempfile").mkdtemp(prefix="nfsd-vocab-"))
-    vocab, merges = write_byte_level_clip_vocab(folder, re.findall(r"[a-z]+", PAPER_NEGATIVE_PROMPT + " a dslr photo of hamburger front side back overhead view"))
-    from transformers import CLIPTokenizer
-
+    folder = Path(tempfile.mkdtemp(prefix="nfsd-vocab-"))
+    words = re.findall(r"[a-z]+", PAPER_NEGATIVE_PROMPT + " a dslr photo of hamburger front side back overhead view")
+    vocab, merges = write_byte_level_clip_vocab(folder, words)
     tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                               steps_offset=1, clip_sample=False, prediction_type="epsilon")

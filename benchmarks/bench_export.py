@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import tempfile
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -37,8 +36,9 @@ def bench_export(
     the way ``export_run`` does (skipping cells the occupancy grid marks empty); the full-box
     lattice is timed at ``full_grid_resolution`` (a 256^3 full lattice is 8x that).
     """
-    from nfsd_nerf.config import FieldConfig, RenderConfig
-    from nfsd_nerf.export import mesh as M
+    from nfsd_nerf.config import BackgroundConfig, FieldConfig, RenderConfig
+    from nfsd_nerf.export import extract, texture
+    from nfsd_nerf.export.formats import write_mesh
     from nfsd_nerf.export.video import render_frame
     from nfsd_nerf.field import Background, NeRFField
     from nfsd_nerf.cameras import orbit_cameras
@@ -46,35 +46,35 @@ def bench_export(
 
     torch.manual_seed(seed)
     cfg, render_cfg = FieldConfig(), RenderConfig()
-    field = NeRFField(**asdict(cfg)).eval()
-    background = Background(kind="mlp")
+    field = NeRFField(cfg).eval()
+    background = Background(BackgroundConfig(kind="mlp"))
     occupancy = OccupancyGrid(cfg.bound, render_cfg.occupancy_resolution, render_cfg.occupancy_threshold)
     occupancy.update(0, field.density, step_size=step_size_from_samples(cfg.bound, render_cfg.n_samples))
     out: dict = {"occupied_fraction": occupancy.occupied_fraction()}
 
     # 1. Lattice, threshold, marching cubes, floaters
-    mask = M.lattice_mask_from_occupancy(occupancy.binaries, cfg.bound, resolution)
+    mask = extract.lattice_mask_from_occupancy(occupancy.binaries, cfg.bound, resolution)
     out["lattice_fraction_evaluated"] = float(mask.float().mean())
     grid, out[f"grid_{resolution}_occupancy_s"] = _timed(
-        M.sample_density_grid, field.density, cfg.bound, resolution, mask=mask
+        extract.sample_density_grid, field.density, cfg.bound, resolution, mask=mask
     )
     _, out[f"grid_{full_grid_resolution}_full_s"] = _timed(
-        M.sample_density_grid, field.density, cfg.bound, full_grid_resolution
+        extract.sample_density_grid, field.density, cfg.bound, full_grid_resolution
     )
     spacing = 2.0 * cfg.bound / (resolution - 1)
-    level, out["threshold_auto_s"] = _timed(M.threshold_from_density_grid, grid, spacing)
-    mesh, out[f"marching_cubes_{resolution}_s"] = _timed(M.mesh_from_density_grid, grid, level, cfg.bound)
-    mesh, out["components_s"] = _timed(M.keep_large_components, mesh)
+    level, out["threshold_auto_s"] = _timed(extract.threshold_from_density_grid, grid, spacing)
+    mesh, out[f"marching_cubes_{resolution}_s"] = _timed(extract.mesh_from_density_grid, grid, level, cfg.bound)
+    mesh, out["components_s"] = _timed(extract.keep_large_components, mesh)
     _ = mesh.vertex_normals
     out["mesh_face_count"] = len(mesh.faces)
 
     # 2. Unwrap and bake (bake = unwrap + rasterize + albedo + dilation; unwrap also timed alone)
-    _, out["unwrap_s"] = _timed(M.unwrap_uv, mesh, texture_size)
-    albedo_fn = M.albedo_fn_from_field(field)
-    textured, out[f"bake_{texture_size}_s"] = _timed(M.bake_texture, mesh, albedo_fn, texture_size)
+    _, out["unwrap_s"] = _timed(texture.unwrap_uv, mesh, texture_size)
+    albedo_fn = texture.albedo_fn_from_field(field)
+    textured, out[f"bake_{texture_size}_s"] = _timed(texture.bake_texture, mesh, albedo_fn, texture_size)
     out[f"bake_{texture_size}_without_unwrap_s"] = out[f"bake_{texture_size}_s"] - out["unwrap_s"]
     with tempfile.TemporaryDirectory() as tmp:
-        _, out["write_glb_s"] = _timed(M.write_mesh, textured, Path(tmp) / "mesh.glb")
+        _, out["write_glb_s"] = _timed(write_mesh, textured, Path(tmp) / "mesh.glb")
 
     # 3. Video frames (rgb + normal + depth, as render-video's default), the first orbit view
     cams = orbit_cameras(1)

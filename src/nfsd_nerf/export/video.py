@@ -1,9 +1,10 @@
-"""Turntable videos of a field: the published evaluation orbit (DESIGN.md section 4) as H.264 MP4.
+"""Turntable videos of a field: the published evaluation orbit (docs/design.md, sections 7 and 9) as H.264 MP4.
 
-Cameras: :func:`~nfsd_nerf.cameras.orbit_cameras` at distance 2.0, fovy 70 deg, a fixed elevation,
-the light at the camera. Each frame is rendered in ray chunks under ``no_grad`` (a 512x512 frame
-fits in CPU memory) and streamed to the encoder, so memory does not grow with the frame count
-(except ``depth``, whose grey scale is normalised over the whole video and so is written at the end).
+Cameras: :data:`~nfsd_nerf.cameras.TURNTABLE_ORBIT` (distance 2.0, fovy 70 deg) at a fixed
+elevation, the light at the camera. Each frame is rendered in ray chunks under ``no_grad`` (a
+512x512 frame fits in CPU memory) and streamed to the encoder, so memory does not grow with the
+frame count (except ``depth``, whose grey scale is normalised over the whole video and so is
+written at the end). Each file is encoded under a temporary name and renamed when complete.
 
 Modes: ``rgb`` (albedo over the learned background, what training renders), ``shaded``
 (Lambertian), ``textureless`` (white albedo, Lambertian: the geometry alone), ``normal`` (world
@@ -18,25 +19,22 @@ one wants to see anyway.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Callable, Literal, Sequence
+from typing import Callable, Iterator, Literal, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from ..cameras import Cameras, generate_rays, orbit_cameras
+from ..cameras import TURNTABLE_ORBIT, Cameras, generate_rays
 from ..errors import UserError
-from .mesh import module_device
+from ..files import atomic_target
+from ..runtime import module_device
+from .texture import rgb8_from_unit
 
 MODES: tuple[str, ...] = ("rgb", "shaded", "textureless", "normal", "depth")
-EVAL_DISTANCE = 2.0
-"""Camera distance of the published evaluation orbit (threestudio ``dreamfusion-sd``)."""
-EVAL_FOVY_DEG = 70.0
-"""Vertical field of view of the evaluation orbit, degrees."""
 DEFAULT_CHUNK_RAYS = 8192
 """Rays per render call: bounds the packed samples held at once (~0.5 GB at 512 samples per ray)."""
 _SHADING = {"rgb": "albedo", "shaded": "lambertian", "textureless": "textureless"}
@@ -121,11 +119,6 @@ def image_from_depth(depth: np.ndarray, opacity: np.ndarray, near: float, far: f
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
-def _rgb8(image) -> np.ndarray:
-    array = image.detach().cpu().numpy() if isinstance(image, Tensor) else np.asarray(image)
-    return np.clip(np.rint(array.astype(np.float64) * 255.0), 0, 255).astype(np.uint8)
-
-
 # --------------------------------------------------------------------------- rendering
 
 
@@ -207,7 +200,7 @@ def estimate_seconds(
     modes: Sequence[str] = ("rgb", "normal", "depth"),
     occupancy=None,
     n_samples: int = 512,
-    elevation: float = 15.0,
+    elevation: float = TURNTABLE_ORBIT.elevation_deg,
     probe_size: int = 128,
     normals: Literal["depth", "field"] = "depth",
 ) -> float:
@@ -219,7 +212,7 @@ def estimate_seconds(
     (~1-3 s at 128 on 2 CPU cores); within ~30% of the real time in our measurements.
     """
     probe = min(int(size), int(probe_size))
-    cams = orbit_cameras(3, distance=EVAL_DISTANCE, fovy_deg=EVAL_FOVY_DEG, elevation_deg=float(elevation))
+    cams = TURNTABLE_ORBIT.cameras(3, elevation_deg=float(elevation))
     kwargs = dict(occupancy=occupancy, n_samples=n_samples, normals=normals)
     render_frame(field, background, cams[0], 16, modes, **kwargs)  # warm-up (allocations, lazy imports)
     times = []
@@ -230,21 +223,19 @@ def estimate_seconds(
     return sum(times) / len(times) * (size / probe) ** 2 * frames
 
 
-class _VideoFile:
-    """One output file written under a temporary name in the same folder, renamed when complete."""
+@contextmanager
+def _video_writer(path: Path, fps: float, quality: float) -> Iterator:
+    """An imageio writer for ``path`` (GIF by its suffix, else H.264 MP4) that encodes into a
+    temporary file beside it (:func:`~nfsd_nerf.files.atomic_target`): closed and renamed into
+    place when the block ends normally, closed and removed when it raises."""
+    import imageio.v2 as iio
 
-    def __init__(self, path: Path, fps: float, quality: float):
-        import imageio.v2 as iio
-
-        self.path = path
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-        os.close(fd)
-        self.tmp = Path(tmp)
+    with atomic_target(path) as tmp:
         if path.suffix == ".gif":
-            self.writer = iio.get_writer(self.tmp, format="GIF", mode="I", duration=1000.0 / fps, loop=0)
+            writer = iio.get_writer(tmp, format="GIF", mode="I", duration=1000.0 / fps, loop=0)
         else:
-            self.writer = iio.get_writer(
-                self.tmp,
+            writer = iio.get_writer(
+                tmp,
                 format="FFMPEG",
                 mode="I",
                 fps=fps,
@@ -255,21 +246,15 @@ class _VideoFile:
                 ffmpeg_log_level="error",
                 output_params=["-movflags", "+faststart"],
             )
-
-    def append(self, frame: np.ndarray) -> None:
-        self.writer.append_data(frame)
-
-    def commit(self) -> Path:
-        self.writer.close()
-        os.replace(self.tmp, self.path)
-        return self.path
-
-    def discard(self) -> None:
         try:
-            self.writer.close()
-        except Exception:  # the encoder may already be broken; the temp file goes either way
-            pass
-        self.tmp.unlink(missing_ok=True)
+            yield writer
+        except BaseException:
+            try:
+                writer.close()
+            except Exception:  # the encoder may already be broken; the temp file goes either way
+                pass
+            raise
+        writer.close()
 
 
 def render_turntable(
@@ -279,7 +264,7 @@ def render_turntable(
     out_dir: Path | str,
     frames: int = 120,
     size: int = 512,
-    elevation: float = 15.0,
+    elevation: float = TURNTABLE_ORBIT.elevation_deg,
     modes: Sequence[str] = ("rgb", "normal", "depth"),
     fps: float = 30.0,
     gif: bool = False,
@@ -298,23 +283,25 @@ def render_turntable(
     front (azimuth 0), ``size`` x ``size`` pixels (even, for yuv420p), ``quality`` 0-10 (imageio's
     scale; 8 is x264 CRF 10). Every file is written under a temporary name and renamed when
     complete; on any error (or Ctrl-C) the temporary files are removed. Returns the paths written.
+    (One function of numbered stages, longer than most: they share the open writers.)
     """
     # 1. Check inputs
     modes = check_video_inputs(frames, size, fps, elevation, modes)
     if normals not in ("depth", "field"):
         raise UserError(f"normals must be 'depth' or 'field', got {normals!r}")
     out_dir = Path(out_dir)
-    cams = orbit_cameras(frames, distance=EVAL_DISTANCE, fovy_deg=EVAL_FOVY_DEG, elevation_deg=float(elevation))
-
-    # 2. Open one temporary file per output
-    files: dict[tuple[str, str], _VideoFile] = {}
+    cams = TURNTABLE_ORBIT.cameras(frames, elevation_deg=float(elevation))
     suffixes = (".mp4", ".gif") if gif else (".mp4",)
-    try:
+
+    # 2. Open one writer per output, each on a temporary file; entered in reverse so that the
+    #    stack, unwinding last-in first-out, closes and renames them in order
+    paths = {(mode, suffix): out_dir / f"{name}_{mode}{suffix}" for mode in modes for suffix in suffixes}
+    writers = {}
+    with ExitStack() as stack:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
-            for mode in modes:
-                for suffix in suffixes:
-                    files[mode, suffix] = _VideoFile(out_dir / f"{name}_{mode}{suffix}", fps, quality)
+            for key in reversed(paths):
+                writers[key] = stack.enter_context(_video_writer(paths[key], fps, quality))
         except OSError as exc:
             raise UserError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
 
@@ -330,9 +317,9 @@ def render_turntable(
                     depth_frames.append(images["depth"].cpu().numpy().astype(np.float32))
                     opacity_frames.append(images["opacity"].cpu().numpy().astype(np.float16))
                     continue
-                frame = _rgb8(images[mode])
+                frame = rgb8_from_unit(images[mode])
                 for suffix in suffixes:
-                    files[mode, suffix].append(frame)
+                    writers[mode, suffix].append_data(frame)
             if progress is not None:
                 progress(i + 1, frames)
 
@@ -341,19 +328,17 @@ def render_turntable(
             depth, opacity = np.stack(depth_frames), np.stack(opacity_frames).astype(np.float32)
             near, far = depth_range_from_frames(depth, opacity)
             for d, a in zip(depth, opacity):
-                frame = _rgb8(image_from_depth(d, a, near, far))
+                frame = rgb8_from_unit(image_from_depth(d, a, near, far))
                 for suffix in suffixes:
-                    files["depth", suffix].append(frame)
+                    writers["depth", suffix].append_data(frame)
 
-        # 5. Rename into place, only now that every file is complete
+        # 5. Close and rename into place, only now that every file is complete (on any error
+        #    above, leaving the block closes and removes the temporary files instead)
         try:
-            return [video.commit() for video in files.values()]
+            stack.close()
         except OSError as exc:
             raise UserError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
-    finally:
-        for video in files.values():
-            if video.tmp.exists():
-                video.discard()
+    return list(paths.values())
 
 
 def render_run_video(
@@ -362,7 +347,7 @@ def render_run_video(
     frames: int = 120,
     fps: float = 30.0,
     size: int = 512,
-    elevation: float = 15.0,
+    elevation: float = TURNTABLE_ORBIT.elevation_deg,
     modes: Sequence[str] = ("rgb", "normal", "depth"),
     gif: bool = False,
     normals: Literal["depth", "field"] = "depth",

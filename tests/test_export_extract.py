@@ -1,0 +1,121 @@
+"""Surface extraction (export/extract.py): checked against analytic shapes with exact volumes and
+outlines, then on the real hash-grid NeRF fitted to a box."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from export_helpers import BOX_CENTER, BOX_HALF, Ellipsoid, TwoBalls
+
+from nfsd_nerf.errors import UserError
+from nfsd_nerf.export.extract import (
+    MAX_RESOLUTION,
+    MIN_RESOLUTION,
+    extract_mesh,
+    keep_large_components,
+    mesh_from_density_grid,
+    sample_density_grid,
+    threshold_from_density_grid,
+)
+
+
+def test_mesh_is_the_level_set_in_world_units_wound_outward():
+    field = Ellipsoid()
+    mesh = extract_mesh(field, resolution=64, threshold=field.sigma / 2)
+    cell = 2.0 / 63
+    assert mesh.is_watertight
+    assert mesh.volume == pytest.approx(field.volume, rel=0.02)  # exact level set: MC error only
+    expected = torch.stack([field.center - field.axes, field.center + field.axes]).numpy()
+    np.testing.assert_allclose(mesh.bounds, expected, atol=0.3 * cell)
+    np.testing.assert_allclose(mesh.center_mass, field.center.numpy(), atol=0.005)
+    # outward: every face normal points away from the centre, and so do the vertex normals
+    centroids = mesh.triangles_center - field.center.numpy()
+    assert (np.einsum("ij,ij->i", mesh.face_normals, centroids) > 0).all()
+    assert (np.einsum("ij,ij->i", mesh.vertex_normals, mesh.vertices - field.center.numpy()) > 0).mean() > 0.999
+    assert mesh.metadata["threshold"] == field.sigma / 2
+
+
+def silhouette_radius(sigma_of_r, bound: float) -> float:
+    """Distance from the centre of a ball-shaped field at which an axis-parallel ray through the
+    whole box becomes half opaque: optical depth = ln 2 (trapezoid quadrature + bisection, float64)."""
+    s = np.linspace(-bound, bound, 40001)
+
+    def optical_depth(rho):
+        return np.trapezoid(sigma_of_r(np.sqrt(rho**2 + s**2)), s)
+
+    lo, hi = 0.0, bound
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if optical_depth(mid) >= math.log(2) else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def test_auto_threshold_reproduces_the_rendered_outline():
+    # a soft ball: its half-opaque outline lies well outside the S/2 level (r = 0.5)
+    s, r0, w = 40.0, 0.5, 0.03
+    field = Ellipsoid(center=(0, 0, 0), axes=(r0, r0, r0), sigma=s, width=w / r0)
+    expected = silhouette_radius(lambda r: s / (1 + np.exp(-(r0 - r) / w)), 1.0)
+    assert expected > 0.57  # ~0.586: the test can tell the outline from the S/2 level
+    mesh = extract_mesh(field, resolution=96, threshold="auto")
+    radius = np.linalg.norm(mesh.vertices, axis=1)
+    assert radius.mean() == pytest.approx(expected, abs=0.01)  # < half a cell (0.021)
+
+
+def test_auto_threshold_of_a_sharp_field_avoids_both_plateaus():
+    field = Ellipsoid(width=0.0, sigma=50.0)
+    grid = sample_density_grid(field.density, 1.0, 64)
+    level = threshold_from_density_grid(grid, 2.0 / 63)
+    assert 0.5 < level < 0.5 * 50.0  # neither the empty space nor the interior plateau
+    mesh = mesh_from_density_grid(grid, level, 1.0)
+    assert mesh.volume == pytest.approx(field.volume, rel=0.15)  # a step is only known to a cell
+
+
+def test_floaters_are_dropped_and_the_face_cap_holds():
+    mesh = extract_mesh(TwoBalls(), resolution=64, threshold=20.0)
+    assert mesh.volume == pytest.approx(4 / 3 * math.pi * 0.4**3, rel=0.05)
+    assert np.linalg.norm(mesh.vertices, axis=1).max() < 0.45  # the floater at (0.7, 0.7, 0.7) is gone
+    kept = keep_large_components(mesh_from_density_grid(sample_density_grid(TwoBalls().density, 1.0, 64), 20.0, 1.0), 0.0)
+    assert len(kept.split(only_watertight=False)) == 2  # min_fraction 0 keeps it
+    field = Ellipsoid()
+    capped = extract_mesh(field, resolution=96, threshold=field.sigma / 2, max_faces=4000)
+    assert len(capped.faces) <= 4000 and capped.is_watertight
+    assert capped.volume == pytest.approx(field.volume, rel=0.05)
+
+
+def test_occupancy_grid_skips_empty_space_without_changing_the_mesh():
+    field = Ellipsoid()
+    full = extract_mesh(field, resolution=48, threshold=25.0)
+
+    class Occupancy:  # cells of a 16^3 grid that hold density > 1 somewhere (sampled densely)
+        edges = torch.linspace(-1, 1, 65)
+        centres = torch.stack(torch.meshgrid(*(0.5 * (edges[1:] + edges[:-1]),) * 3, indexing="ij"), -1)
+        binaries = (field.density(centres.reshape(-1, 3)).reshape(16, 4, 16, 4, 16, 4) > 1).amax(dim=(1, 3, 5))
+
+    assert Occupancy.binaries.float().mean() < 0.2
+    skipped = extract_mesh(field, resolution=48, threshold=25.0, occupancy=Occupancy)
+    np.testing.assert_allclose(skipped.vertices, full.vertices, atol=1e-6)
+
+
+def test_bad_settings_are_user_errors_naming_the_flag():
+    for resolution in (MIN_RESOLUTION - 1, MAX_RESOLUTION + 1, 32.0, True):
+        with pytest.raises(UserError, match=f"--resolution {resolution!r}: expected 16 to 1024"):
+            extract_mesh(Ellipsoid(), resolution=resolution)
+    with pytest.raises(UserError, match="threshold must be 'auto' or a positive number"):
+        extract_mesh(Ellipsoid(), resolution=16, threshold=-1.0)
+    with pytest.raises(UserError, match="max_faces must be at least 100"):
+        extract_mesh(Ellipsoid(), resolution=16, max_faces=10)
+
+
+def test_real_field_mesh_matches_the_box(box_run):
+    from nfsd_nerf.checkpoint import load_run
+
+    loaded = load_run(box_run)
+    mesh = extract_mesh(loaded.field, resolution=64, occupancy=loaded.occupancy)  # threshold "auto"
+    cell = 2.0 / 63
+    assert mesh.is_watertight
+    assert mesh.volume == pytest.approx(8 * BOX_HALF.prod(), rel=0.15)
+    np.testing.assert_allclose(mesh.bounds, [BOX_CENTER - BOX_HALF, BOX_CENTER + BOX_HALF], atol=1.2 * cell)
+    np.testing.assert_allclose(mesh.center_mass, BOX_CENTER, atol=0.01)

@@ -32,7 +32,7 @@ def _p90(values: list[float]) -> float:
 
 def time_steps(cfg, prior, device: torch.device, *, warmup: int, steps: int, label: str) -> list[dict]:
     """Run ``warmup`` + ``steps`` training steps and return one row per stage plus totals."""
-    distill = ScoreDistillation.from_config(prior, cfg.guidance)
+    distill = ScoreDistillation(prior, cfg.guidance)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp), device, prior, distill)
         for _ in range(warmup):

@@ -1,8 +1,13 @@
 """Typed config: presets, overrides and the errors users see for bad keys and values."""
 
+import re
+
 import pytest
 
-from nfsd_nerf.config import Config, dump_yaml, from_dict, load_config, merge, parse_override, preset_path
+from nfsd_nerf.config import (
+    Config, GuidanceConfig, check_config, dump_yaml, from_dict, load_config, merge, parse_override, preset_path,
+    with_rule_defaults,
+)
 from nfsd_nerf.errors import UserError
 
 
@@ -28,7 +33,6 @@ def test_overrides_are_parsed_as_yaml_and_nested():
         ("nothing.size=1", "nothing"),
         ("render.size=big", "render.size"),
         ("render.size=3.5", "render.size"),
-        ("guidance.method=vsd", "guidance.method"),
         ("train.device=tpu", "train.device"),
         ("cameras.fovy_range=[1, 2, 3]", "cameras.fovy_range"),
         ("guidance.offline=maybe", "guidance.offline"),
@@ -63,3 +67,42 @@ def test_presets_load_and_unknown_preset_is_refused(tmp_path):
 def test_merge_keeps_untouched_defaults():
     cfg = merge(Config(), {"render": {"size": 16}})
     assert cfg.render.size == 16 and cfg.render.n_samples == Config().render.n_samples
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("guidance.method=vsd", "unknown guidance method 'vsd' (known: nfsd, sds)"),
+        ("guidance.t_min=0.99", "guidance.t_min"),
+        ("train.steps=0", "train.steps must be positive"),
+        ("render.ambient=2", "render.ambient must be in [0, 1]"),
+        ("loss.sparsity=-1", "loss.sparsity must be zero or positive"),
+        ("train.start_levels=40", "train.start_levels"),
+        ("cameras.distance_range=[2, 1]", "cameras.distance_range"),
+    ],
+)
+def test_check_config_names_the_key(override, message):
+    cfg = merge(load_config(None, [override]), {"prompt": "a red cube"})
+    with pytest.raises(UserError, match=re.escape(message)):
+        check_config(cfg)
+
+
+def test_check_config_accepts_defaults_and_presets_and_refuses_an_empty_prompt():
+    for name in ("default", "builtin", "cpu-tiny"):
+        check_config(merge(load_config(preset_path(name)), {"prompt": "a red cube"}))
+    with pytest.raises(UserError, match="prompt is empty"):
+        check_config(Config(prompt="  "))
+
+
+def test_a_registered_rule_is_a_valid_method(monkeypatch):
+    from nfsd_nerf.guidance.rules import RULES
+
+    monkeypatch.setitem(RULES, "mine", RULES["sds"])
+    check_config(merge(load_config(None, ["guidance.method=mine"]), {"prompt": "x"}))
+
+
+def test_rule_defaults_fill_only_unset_values():
+    assert with_rule_defaults(GuidanceConfig(method="sds")).scale == 100.0
+    assert with_rule_defaults(GuidanceConfig(method="nfsd", scale=3.0)).scale == 3.0
+    assert with_rule_defaults(GuidanceConfig(method="sds")).negative_prompt == ""
+    assert with_rule_defaults(GuidanceConfig(method="nfsd", negative_prompt="x")).negative_prompt == "x"

@@ -1,4 +1,4 @@
-"""View-dependent prompts at and around the published boundaries (DESIGN.md section 4)."""
+"""View-dependent prompts at and around the published boundaries (docs/design.md, section 1.3)."""
 
 from __future__ import annotations
 

@@ -1,88 +1,17 @@
-"""NFSD / SDS: the rules and the shared distillation machinery, against hand-written values.
-
-A stub prior returns known noise predictions (one fixed tensor per prompt) and records every
-call, so the expected gradients are written out here from the paper's formulas and the batch
-layout (cond + uncond + negative rows only where t >= 200) is counted directly.
-"""
+"""The score-distillation rules as pure functions, against hand-written values, and the rules table."""
 
 from __future__ import annotations
 
 import math
 
-import pytest
 import torch
 
-from nfsd_nerf.errors import UserError
 from nfsd_nerf.guidance import rules as rules_module
-from nfsd_nerf.guidance.distill import ScoreDistillation, annealed_t_max, sample_timesteps, surrogate_loss
-from nfsd_nerf.guidance.prior import DiffusionPrior
+from nfsd_nerf.guidance.distill import surrogate_loss
 from nfsd_nerf.guidance.rules import (
-    PAPER_NEGATIVE_PROMPT, RULES, Rule, nfsd_grad, sds_grad, threshold_for_schedule, weight_from_timesteps,
+    PAPER_NEGATIVE_PROMPT, RULES, nfsd_grad, rules_help, sds_grad, threshold_for_schedule, weight_from_timesteps,
 )
-
-C, H, W = 4, 3, 2
-
-
-def sd_alphas_cumprod_float64(n: int = 1000) -> torch.Tensor:
-    """Stable Diffusion's scaled-linear schedule, written out: ab_t = prod_{i <= t} (1 - beta_i)."""
-    betas = [(0.00085**0.5 + (0.012**0.5 - 0.00085**0.5) * i / (n - 1)) ** 2 for i in range(n)]
-    out, running = [], 1.0
-    for beta in betas:
-        running *= 1.0 - beta
-        out.append(running)
-    return torch.tensor(out, dtype=torch.float64)
-
-
-class StubPrior(DiffusionPrior):
-    """encode = identity; e(z_t, t, prompt) = table[prompt] (a fixed random tensor per prompt)."""
-
-    def __init__(self, num_train_timesteps: int = 1000):
-        self.alphas_cumprod = sd_alphas_cumprod_float64(num_train_timesteps).float()
-        self.model_id, self.revision = "stub", None
-        self.ids: dict[str, int] = {}
-        self.table = torch.randn(16, C, H, W, generator=torch.Generator().manual_seed(123))
-        self.calls: list[dict] = []
-
-    def encode(self, rgb):
-        return rgb
-
-    def decode(self, z):
-        return z
-
-    def embed(self, prompts):
-        return torch.tensor([[float(self.ids.setdefault(p, len(self.ids)))] for p in prompts])
-
-    def prompt_of(self, embedding) -> str:
-        index = int(embedding[0])
-        return next(p for p, i in self.ids.items() if i == index)
-
-    def predict_noise(self, z_t, t, embeddings, cameras=None):
-        prompts = [self.prompt_of(e) for e in embeddings]
-        self.calls.append({"z_t": z_t.clone(), "t": t.clone(), "prompts": prompts, "cameras": cameras})
-        return torch.stack([self.table[self.ids[p]] for p in prompts])
-
-    def e(self, prompt: str) -> torch.Tensor:
-        return self.table[self.ids[prompt]]
-
-
-def run_step(prior, batch, *, seed=0, **kwargs):
-    """One loss on a leaf image z (= rgb, identity encode); returns (guidance, z, loss, info, call)."""
-    guidance = ScoreDistillation(prior, **kwargs)
-    z = torch.randn(batch, C, H, W, generator=torch.Generator().manual_seed(99)).requires_grad_(True)
-    prompts = [f"a hamburger, view {i}" for i in range(batch)]
-    loss, info = guidance.loss(z, prompts, None, 0.0, torch.Generator().manual_seed(seed))
-    loss.backward()
-    assert len(prior.calls) == 1, "exactly one batched prediction per step"
-    return guidance, z, prompts, loss, info, prior.calls[0]
-
-
-def noise_from_call(call, z, ab):
-    """eps recovered from the definition z_t = sqrt(ab_t) z + sqrt(1 - ab_t) eps (first B rows)."""
-    batch = z.shape[0]
-    t = call["t"][:batch]
-    a = ab[t].reshape(-1, 1, 1, 1)
-    return (call["z_t"][:batch].double() - a.sqrt() * z.detach().double()) / (1 - a).sqrt()
-
+from guidance_helpers import sd_alphas_cumprod_float64
 
 # --------------------------------------------------------------------------- pure rules
 
@@ -119,157 +48,22 @@ def test_weights_threshold_and_surrogate():
     assert math.isclose(loss.item(), 0.5 * grad.pow(2).sum().item() / 3, rel_tol=1e-6)
 
 
-def test_timestep_sampling_bounds_and_annealing():
-    g = torch.Generator().manual_seed(0)
-    t = sample_timesteps(4000, 1000, 0.02, 0.98, g)
-    assert t.dtype == torch.long and t.min() >= 20 and t.max() <= 980
-    assert t.min() < 40 and t.max() > 960  # covers the range
-    assert sample_timesteps(50, 1000, 0.0, 1.0, g).max() <= 999
-    assert annealed_t_max(0.02, 0.98, None, 0.7) == 0.98
-    assert math.isclose(annealed_t_max(0.02, 0.98, 0.5, 0.5), 0.74)
-    assert math.isclose(annealed_t_max(0.02, 0.98, 0.5, 1.0), 0.5)
-    assert math.isclose(annealed_t_max(0.02, 0.98, 0.3, 2.0), 0.3)  # progress is clamped to [0, 1]
-    assert annealed_t_max(0.5, 0.98, 0.1, 1.0) == 0.5  # never below t_min
-
-
-# --------------------------------------------------------------------------- distillation with a stub prior
-
-
-def test_nfsd_mixed_batch_gradient_and_row_count():
-    prior = StubPrior()
-    batch = 8
-    guidance, z, prompts, loss, info, call = run_step(prior, batch, t_min=0.1, t_max=0.3)  # t in [100, 300]
-    t = torch.tensor(info["t"])
-    high = t >= 200
-    assert 0 < int(high.sum()) < batch, "the fixed seed gives a mixed batch"
-    assert guidance.scale == 7.5 and guidance.negative_prompt == PAPER_NEGATIVE_PROMPT
-
-    # Batch layout: B cond rows, B unconditional (empty prompt) rows, then negatives for t >= 200 only.
-    n_neg = int(high.sum())
-    assert len(call["prompts"]) == 2 * batch + n_neg
-    assert call["prompts"][:batch] == prompts
-    assert call["prompts"][batch : 2 * batch] == [""] * batch
-    assert call["prompts"][2 * batch :] == [PAPER_NEGATIVE_PROMPT] * n_neg
-    assert call["t"].tolist() == t.tolist() + t.tolist() + t[high].tolist()
-    assert torch.equal(call["z_t"][batch : 2 * batch], call["z_t"][:batch])
-    assert torch.equal(call["z_t"][2 * batch :], call["z_t"][:batch][high])
-
-    # Expected gradient, written out per sample: w(t) (dD + 7.5 dC), dD switching at t = 200.
-    ab = sd_alphas_cumprod_float64()
-    expected = torch.empty(batch, C, H, W, dtype=torch.float64)
-    for i in range(batch):
-        e_y, e_0, e_neg = prior.e(prompts[i]).double(), prior.e("").double(), prior.e(PAPER_NEGATIVE_PROMPT).double()
-        d_c = e_y - e_0
-        d_d = e_0 if t[i] < 200 else e_0 - e_neg
-        expected[i] = (1 - ab[t[i]]) * (d_d + 7.5 * d_c)
-    assert torch.allclose(z.grad.double(), expected / batch, atol=1e-5)
-    assert math.isclose(info["grad_norm"], expected.norm().item(), rel_tol=1e-5)
-    assert math.isclose(loss.item(), 0.5 * expected.pow(2).sum().item() / batch, rel_tol=1e-5)
-
-
-def test_nfsd_all_low_t_needs_no_negative_rows():
-    prior = StubPrior()
-    _, z, prompts, _, info, call = run_step(prior, 3, t_min=0.02, t_max=0.19)
-    assert max(info["t"]) < 200
-    assert len(call["prompts"]) == 6 and PAPER_NEGATIVE_PROMPT not in call["prompts"]
-
-
-def test_sds_gradient_default_and_with_negative_prompt():
-    ab = sd_alphas_cumprod_float64()
-    for negative in (None, "blurry"):
-        prior = StubPrior()
-        guidance, z, prompts, _, info, call = run_step(prior, 3, negative_prompt=negative, method="sds")
-        uncond = "" if negative is None else "blurry"
-        assert guidance.scale == 100.0 and guidance.negative_prompt == uncond
-        assert call["prompts"] == prompts + [uncond] * 3  # no extra rows: the negative IS the uncond branch
-        t = torch.tensor(info["t"])
-        noise = noise_from_call(call, z, ab)
-        expected = torch.stack([
-            (1 - ab[t[i]]) * (prior.e(uncond).double() + 100.0 * (prior.e(prompts[i]).double()
-                                                                  - prior.e(uncond).double()) - noise[i])
-            for i in range(3)
-        ])
-        assert torch.allclose(z.grad.double(), expected / 3, atol=1e-4)
-
-
-def test_nfsd_user_negative_prompt_scale_weighting_and_clipping():
-    prior = StubPrior()
-    guidance, z, prompts, _, info, call = run_step(
-        prior, 2, negative_prompt="dull", scale=3.0, weighting="uniform", grad_clip=0.5, t_min=0.5, t_max=0.6)
-    assert guidance.scale == 3.0 and guidance.negative_prompt == "dull"
-    assert call["prompts"] == prompts + ["", ""] + ["dull", "dull"]  # e(0) stays the empty prompt
-    expected = torch.stack([
-        (prior.e("") - prior.e("dull") + 3.0 * (prior.e(p) - prior.e(""))).clamp(-0.5, 0.5) for p in prompts
-    ])
-    assert torch.allclose(z.grad, expected / 2, atol=1e-6)
-    assert z.grad.abs().max() <= 0.5 / 2 + 1e-7
-
-
-def test_threshold_scales_with_the_schedule_length():
-    prior = StubPrior(num_train_timesteps=500)
-    guidance, _, _, _, info, call = run_step(prior, 8, t_min=0.1, t_max=0.3)  # t in [50, 150]
-    assert guidance.threshold == 100
-    high = [t for t in info["t"] if t >= 100]
-    assert 0 < len(high) < 8
-    assert len(call["prompts"]) == 16 + len(high)
-
-
-def test_cameras_follow_their_rows_and_draws_are_reproducible():
-    from nfsd_nerf.cameras import orbit_cameras
-
-    prior = StubPrior()
-    guidance = ScoreDistillation(prior, t_min=0.1, t_max=0.3)
-    cams = orbit_cameras(8)
-    z = torch.zeros(8, C, H, W)
-    losses = []
-    for _ in range(2):
-        loss, info = guidance.loss(z, ["p"] * 8, cams, 0.0, torch.Generator().manual_seed(5))
-        losses.append((loss.item(), info["t"]))
-    assert losses[0] == losses[1]
-    call = prior.calls[0]
-    high = torch.tensor(info["t"]) >= 200
-    expected_az = torch.cat([cams.azimuth, cams.azimuth, cams.azimuth[high]])
-    assert torch.equal(call["cameras"].azimuth, expected_az)
-    other, _ = guidance.loss(z, ["p"] * 8, cams, 0.0, torch.Generator().manual_seed(6))
-    assert other.item() != losses[0][0]
-
-
-def test_annealing_lowers_t_max_with_progress():
-    prior = StubPrior()
-    guidance = ScoreDistillation(prior, t_min=0.02, t_max=0.98, t_max_end=0.3)
-    z = torch.zeros(64, C, H, W)
-    _, info = guidance.loss(z, ["p"] * 64, None, 1.0, torch.Generator().manual_seed(0))
-    assert max(info["t"]) <= 300
-    _, info = guidance.loss(z, ["p"] * 64, None, 0.0, torch.Generator().manual_seed(0))
-    assert max(info["t"]) > 300
-
-
-def test_a_third_rule_is_one_table_entry(monkeypatch):
-    """A rule registered in RULES is used with the shared sampling, batching and loss."""
-    monkeypatch.setitem(RULES, "cfg-only", Rule(
-        grad=lambda p: p.scale * (p.cond - p.uncond), default_scale=2.0, default_negative_prompt="",
-        negative_replaces_uncond=False, negative_mask=None))
-    prior = StubPrior()
-    _, z, prompts, _, _, call = run_step(prior, 2, method="cfg-only")
-    assert len(call["prompts"]) == 4
-    expected = torch.stack([2.0 * (prior.e(p) - prior.e("")) for p in prompts])
-    assert torch.allclose(z.grad, expected / 2, atol=1e-6)
-
-
-@pytest.mark.parametrize("kwargs, match", [
-    ({"method": "vsd"}, "vsd"),
-    ({"t_min": 0.5, "t_max": 0.4}, "t_min=0.5"),
-    ({"t_max_end": 1.5}, "t_max_end=1.5"),
-    ({"grad_clip": 0.0}, "grad_clip"),
-    ({"scale": float("nan")}, "nan"),
-])
-def test_bad_settings_are_user_errors(kwargs, match):
-    with pytest.raises(UserError, match=match):
-        ScoreDistillation(StubPrior(), **kwargs)
-
-
 def test_rules_table_defaults():
     assert set(rules_module.RULES) >= {"nfsd", "sds"}
     assert RULES["nfsd"].default_scale == 7.5 and RULES["sds"].default_scale == 100.0
     assert PAPER_NEGATIVE_PROMPT == ("unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, "
                                      "dark, low-resolution, gloomy")
+
+
+def test_help_lists_every_rule_with_its_default_scale():
+    text = rules_help()
+    for name, rule in RULES.items():
+        assert f"{name}: {rule.description} (scale {rule.default_scale:g})" in text
+
+
+def test_rules_module_does_not_import_torch():
+    import subprocess
+    import sys
+
+    code = "import sys; import nfsd_nerf.guidance.rules; print('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "False"

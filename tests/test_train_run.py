@@ -195,12 +195,12 @@ def test_resume_is_bitwise_with_shading_and_random_backgrounds(tmp_path):
 
 
 def test_a_full_disk_mid_run_is_one_line_and_keeps_the_state(tmp_path, monkeypatch):
-    from nfsd_nerf.train import Trainer
+    from nfsd_nerf.train import run
 
-    def full_disk(self):
+    def full_disk(*args):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(Trainer, "write_preview", full_disk)
+    monkeypatch.setattr(run, "write_preview", full_disk)
     result = runner.invoke(app, [*builtin_args(tmp_path, 10), "--set", "train.preview_every=4"])
     assert result.exit_code == 2, result.output
     assert "No space left on device" in result.output and "Traceback" not in result.output
@@ -227,10 +227,23 @@ def test_training_runs_on_cuda_and_resumes_on_the_cpu(model, tiny_sd_path, tmp_p
     assert result.exit_code == 0, result.output
 
 
-def test_coarse_to_fine_levels_follow_the_published_schedule():
-    from nfsd_nerf.config import Config, merge
-    from nfsd_nerf.train import active_levels
+def test_a_rule_registered_in_the_table_trains_through_the_command_line(tmp_path, monkeypatch):
+    """RULES is the only place a rule is named: config, CLI and training take a new entry as is."""
+    from nfsd_nerf.guidance.rules import RULES, Rule
 
-    cfg = merge(Config(), {"train": {"start_levels": 8}})
-    assert [active_levels(s, cfg) for s in (0, 1999, 2000, 2499, 2500, 5499, 5500, 9999)] == [8, 8, 9, 9, 10, 15, 16, 16]
-    assert active_levels(0, Config()) == 16
+    calls = []
+
+    def half_cfg(p):
+        calls.append(p.t.shape[0])
+        return p.weight.reshape(-1, 1, 1, 1) * p.scale * (p.cond - p.uncond)
+
+    monkeypatch.setitem(RULES, "cfg-only", Rule(grad=half_cfg, default_scale=3.0, default_negative_prompt="",
+                                                negative_replaces_uncond=False, negative_mask=None,
+                                                description="test rule"))
+    result = runner.invoke(app, [*builtin_args(tmp_path, 5), "--guidance", "cfg-only"])
+    assert result.exit_code == 0, result.output
+    run = only_run(tmp_path)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["guidance"] == "cfg-only" and summary["scale"] == 3.0 and summary["steps"] == 5
+    assert yaml.safe_load((run / "config.yaml").read_text())["guidance"]["method"] == "cfg-only"
+    assert calls == [1] * 5  # the rule ran once per step, on the batch

@@ -15,9 +15,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from .config import CameraConfig
 
 WORLD_UP = (0.0, 0.0, 1.0)
 
@@ -100,7 +104,7 @@ def sample_training_cameras(
     light_position_perturb: float = 1.0,
     device: torch.device | str = "cpu",
 ) -> Cameras:
-    """Draw B cameras from the DreamFusion distribution (DESIGN.md section 4).
+    """Draw B cameras from the DreamFusion distribution (docs/design.md, section 1.3).
 
     Elevation is, per camera with probability 1/2 each, uniform in angle or uniform on the sphere
     (uniform in sin(elevation)); azimuth is stratified across the batch. All randomness comes from
@@ -128,6 +132,24 @@ def sample_training_cameras(
 
     cams = Cameras(look_at(eye, target, up), fovy, azimuth, elevation, distance, light_positions)
     return cams.to(device)
+
+
+def sample_cameras_from_config(
+    batch_size: int, cfg: "CameraConfig", *, generator: torch.Generator, device: torch.device | str = "cpu"
+) -> Cameras:
+    """B training cameras from a run's ``cameras`` config section (:func:`sample_training_cameras`)."""
+    return sample_training_cameras(
+        batch_size,
+        generator=generator,
+        distance_range=cfg.distance_range,
+        fovy_range_deg=cfg.fovy_range,
+        elevation_range_deg=cfg.elevation_range,
+        position_perturb=cfg.position_perturb,
+        center_perturb=cfg.center_perturb,
+        up_perturb=cfg.up_perturb,
+        light_distance_range=cfg.light_distance_range,
+        device=device,
+    )
 
 
 @dataclass(frozen=True)

@@ -1,15 +1,13 @@
 """Checkpoints: one safetensors file holding the scene, the optimizer, RNG states and the config.
 
-Written atomically (temporary file in the same folder, fsync, ``os.replace``) so a crash or a full
-disk never leaves a half-written file under the final name; loaded with safetensors only, so a
-checkpoint can never execute code.
+Written atomically (:mod:`nfsd_nerf.files`) so a crash or a full disk never leaves a half-written
+file under the final name; loaded with safetensors only, so a checkpoint can never execute code.
+The format (tensor names, metadata) is described in docs/design.md, "Run folder and checkpoints".
 """
 
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ import torch
 
 from .config import Config, dump_yaml, from_dict
 from .errors import UserError
+from .files import atomic_write_bytes
 from .scene import Scene, build_scene
 
 FORMAT = "nfsd-nerf-checkpoint"
@@ -78,42 +77,6 @@ def _unflatten_optimizer(ckpt: Checkpoint) -> dict:
         index, name = key.split(".", 1)
         state.setdefault(int(index), {})[name] = value
     return {"state": state, "param_groups": json.loads(ckpt.meta["param_groups"])}
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that ``path`` is either the old file or the complete new one."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make the final file private
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_copy(source: Path, target: Path) -> Path:
-    """Make ``target`` a complete copy of ``source`` atomically: a hard link where the file system
-    has them (checkpoints are never modified in place, only replaced), else a copy."""
-    source, target = Path(source), Path(target)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
-    try:
-        os.link(source, tmp)
-        os.replace(tmp, target)
-    except OSError:
-        tmp.unlink(missing_ok=True)
-        atomic_write_bytes(target, source.read_bytes())
-    return target
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save_checkpoint(

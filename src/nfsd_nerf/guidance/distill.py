@@ -1,6 +1,6 @@
 """Score distillation: turn a prior's noise predictions into a loss on rendered images.
 
-Everything but the rule itself is shared (DESIGN.md sections 2-3): sample ``t`` and the noise,
+Everything but the rule itself is shared (docs/design.md, sections 1.1 and 2): sample ``t`` and the noise,
 noise the latents, ask the prior for every prediction the rule needs in ONE batched call without
 an autograd graph, apply the rule (:mod:`.rules`), and hand the gradient to autograd through the
 surrogate ``0.5 * ||z - stopgrad(z - grad)||^2 / B``, whose derivative in ``z`` is ``grad / B``.
@@ -8,13 +8,11 @@ surrogate ``0.5 * ||z - stopgrad(z - grad)||^2 / B``, whose derivative in ``z`` 
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from ..errors import UserError
 from ..profiling import stage
 from .prior import DiffusionPrior
 from .rules import RULES, Predictions, threshold_for_schedule, weight_from_timesteps
@@ -48,62 +46,21 @@ def surrogate_loss(z: Tensor, grad: Tensor) -> Tensor:
     return 0.5 * (z - target).pow(2).sum() / z.shape[0]
 
 
-def settings_from_config(cfg: "GuidanceConfig") -> dict:
-    """The keyword arguments of :class:`ScoreDistillation` that a ``guidance`` config section sets."""
-    return dict(method=cfg.method, scale=cfg.scale, negative_prompt=cfg.negative_prompt, t_min=cfg.t_min,
-                t_max=cfg.t_max, t_max_end=cfg.t_max_end, weighting=cfg.weighting, grad_clip=cfg.grad_clip)
-
-
-def check_settings(*, method: str, scale: float | None, t_min: float, t_max: float, t_max_end: float | None,
-                   weighting: str, grad_clip: float | None, **_) -> None:
-    """Refuse bad guidance settings with the key's name; cheap, so callers run it before loading a model."""
-    if method not in RULES:
-        raise UserError(f"unknown guidance method {method!r} (known: {', '.join(RULES)})")
-    if not 0.0 <= t_min <= t_max <= 1.0:
-        raise UserError(f"guidance.t_min/t_max: need 0 <= t_min <= t_max <= 1, got t_min={t_min}, t_max={t_max}")
-    if t_max_end is not None and not t_min <= t_max_end <= 1.0:
-        raise UserError(f"guidance.t_max_end={t_max_end} must lie in [t_min={t_min}, 1]")
-    if scale is not None and not math.isfinite(scale):
-        raise UserError(f"guidance scale must be a finite number, got {scale}")
-    if grad_clip is not None and not grad_clip > 0:
-        raise UserError(f"guidance.grad_clip must be positive, got {grad_clip}")
-    if weighting not in ("sds", "uniform"):
-        raise UserError(f"unknown guidance weighting {weighting!r} (known: 'sds', 'uniform')")
-
-
 class ScoreDistillation:
-    """Shared by every rule in :data:`~nfsd_nerf.guidance.rules.RULES`; holds the resolved settings."""
+    """Shared by every rule in :data:`~nfsd_nerf.guidance.rules.RULES`: built from a ``guidance``
+    config section, with the rule's default scale and negative prompt where the section sets none."""
 
-    def __init__(
-        self,
-        prior: DiffusionPrior,
-        *,
-        method: str = "nfsd",
-        scale: float | None = None,
-        negative_prompt: str | None = None,
-        t_min: float = 0.02,
-        t_max: float = 0.98,
-        t_max_end: float | None = None,
-        weighting: Literal["sds", "uniform"] = "sds",
-        grad_clip: float | None = None,
-    ):
-        check_settings(method=method, scale=scale, t_min=t_min, t_max=t_max, t_max_end=t_max_end,
-                       weighting=weighting, grad_clip=grad_clip)
+    def __init__(self, prior: DiffusionPrior, cfg: "GuidanceConfig"):
+        from ..config import check_guidance, with_rule_defaults
+
+        check_guidance(cfg)
+        self.cfg = with_rule_defaults(cfg)
         self.prior = prior
-        self.method = method
-        self.rule = RULES[method]
-        self.scale = float(self.rule.default_scale if scale is None else scale)
-        self.negative_prompt = self.rule.default_negative_prompt if negative_prompt is None else negative_prompt
+        self.rule = RULES[cfg.method]
+        self.scale: float = self.cfg.scale
+        self.negative_prompt: str = self.cfg.negative_prompt
         self.uncond_prompt = self.negative_prompt if self.rule.negative_replaces_uncond else ""
-        self.t_min, self.t_max, self.t_max_end = t_min, t_max, t_max_end
-        self.weighting = weighting
-        self.grad_clip = grad_clip
         self.threshold = threshold_for_schedule(prior.num_train_timesteps)
-
-    @classmethod
-    def from_config(cls, prior: DiffusionPrior, cfg: "GuidanceConfig") -> "ScoreDistillation":
-        """The rule and settings a run's ``guidance`` config section asks for."""
-        return cls(prior, **settings_from_config(cfg))
 
     def loss(
         self,
@@ -137,8 +94,9 @@ class ScoreDistillation:
             raise ValueError(f"got {len(prompts)} prompts for a batch of {batch}")
 
         # 1. Timesteps and noise, drawn from the caller's generator, then moved to the latents.
-        t_max = annealed_t_max(self.t_min, self.t_max, self.t_max_end, progress)
-        t_cpu = sample_timesteps(batch, prior.num_train_timesteps, self.t_min, t_max, generator).cpu()
+        g = self.cfg
+        t_max = annealed_t_max(g.t_min, g.t_max, g.t_max_end, progress)
+        t_cpu = sample_timesteps(batch, prior.num_train_timesteps, g.t_min, t_max, generator).cpu()
         noise = torch.randn(z.shape, generator=generator, device=generator.device).to(z.device, torch.float32)
         t = t_cpu.to(z.device)
 
@@ -177,13 +135,13 @@ class ScoreDistillation:
                 negative=negative,
                 noise=noise,
                 t=t,
-                weight=weight_from_timesteps(prior.alphas_cumprod, t, self.weighting),
+                weight=weight_from_timesteps(prior.alphas_cumprod, t, g.weighting),
                 scale=self.scale,
                 threshold=self.threshold,
             )
             grad = self.rule.grad(predictions)
-            if self.grad_clip is not None:
-                grad = grad.clamp(-self.grad_clip, self.grad_clip)
+            if g.grad_clip is not None:
+                grad = grad.clamp(-g.grad_clip, g.grad_clip)
 
         # 5. The surrogate loss carries ``grad`` back into whatever produced z.
         loss = surrogate_loss(z.float(), grad)

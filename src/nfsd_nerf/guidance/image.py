@@ -2,7 +2,7 @@
 
 No NeRF: the optimized variable is the latent itself (Stable Diffusion's VAE latent, or the pixels
 of a pixel-space prior), starting from a mid-grey image. Running it with ``method="nfsd",
-scale=7.5`` and ``method="sds", scale=7.5 / 100`` shows on one picture what NFSD changes
+scale=7.5`` and ``method="sds", scale=7.5 / 100`` (the ``guidance`` config section) shows on one picture what NFSD changes
 (SDS at 7.5 over-smooths; at 100 it saturates).
 """
 
@@ -10,37 +10,35 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from .. import files
 from ..cameras import orbit_cameras
 from .distill import ScoreDistillation
 from .prior import DiffusionPrior
+
+if TYPE_CHECKING:
+    from ..config import GuidanceConfig
 
 
 def optimize_image(
     prior: DiffusionPrior,
     prompt: str,
+    guidance: "GuidanceConfig",
     *,
-    method: str = "nfsd",
-    scale: float | None = None,
-    negative_prompt: str | None = None,
     steps: int = 500,
     lr: float = 0.05,
     seed: int = 0,
     out_dir: Path,
-    t_min: float = 0.02,
-    t_max: float = 0.98,
-    t_max_end: float | None = None,
-    weighting: str = "sds",
-    grad_clip: float | None = None,
     n_snapshots: int = 8,
     callback: Callable[[int, dict], None] | None = None,
 ) -> Path:
-    """Optimize a latent for ``steps`` Adam steps; write the final PNG, a strip of snapshots and settings.
+    """Optimize a latent for ``steps`` Adam steps with the rule and settings of ``guidance``; write
+    the final PNG, a strip of snapshots and the settings.
 
     Files in ``out_dir`` (stem ``<method>-s<scale>``): ``.png`` the decoded result, ``-steps.png``
     a grid of ``n_snapshots`` decodes from step 0 to the end (4 per row), ``.json`` the resolved settings
@@ -51,8 +49,7 @@ def optimize_image(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     # 1. Guidance, camera and the starting latent.
-    guidance = ScoreDistillation(prior, method=method, scale=scale, negative_prompt=negative_prompt, t_min=t_min,
-                                 t_max=t_max, t_max_end=t_max_end, weighting=weighting, grad_clip=grad_clip)
+    distill = ScoreDistillation(prior, guidance)
     device = prior.alphas_cumprod.device
     cameras = orbit_cameras(1, device=device)
     generator = torch.Generator().manual_seed(seed)
@@ -70,7 +67,7 @@ def optimize_image(
                 snapshots.append(prior.decode(latent.detach())[0].cpu())
         if step == steps:
             break
-        loss, info = guidance.loss_from_latents(latent, [prompt], cameras, step / max(steps - 1, 1), generator)
+        loss, info = distill.loss_from_latents(latent, [prompt], cameras, step / max(steps - 1, 1), generator)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -80,17 +77,18 @@ def optimize_image(
     # 3. Write the result, the strip of snapshots and the settings.
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = f"{method}-s{guidance.scale:g}"
+    g = distill.cfg
+    stem = f"{g.method}-s{g.scale:g}"
     final = out_dir / f"{stem}.png"
     write_png(final, snapshots[-1])
     write_png(out_dir / f"{stem}-steps.png", image_grid(torch.stack(snapshots)))
     settings = {
-        "prompt": prompt, "model": prior.model_id, "revision": prior.revision, "method": method,
-        "scale": guidance.scale, "negative_prompt": guidance.negative_prompt, "steps": steps, "lr": lr,
-        "seed": seed, "t_min": t_min, "t_max": t_max, "t_max_end": t_max_end, "weighting": weighting,
-        "grad_clip": grad_clip, "snapshot_steps": sorted(snapshot_steps),
+        "prompt": prompt, "model": prior.model_id, "revision": prior.revision, "method": g.method,
+        "scale": g.scale, "negative_prompt": g.negative_prompt, "steps": steps, "lr": lr,
+        "seed": seed, "t_min": g.t_min, "t_max": g.t_max, "t_max_end": g.t_max_end, "weighting": g.weighting,
+        "grad_clip": g.grad_clip, "snapshot_steps": sorted(snapshot_steps),
     }
-    (out_dir / f"{stem}.json").write_text(json.dumps(settings, indent=2) + "\n")
+    files.atomic_write_bytes(out_dir / f"{stem}.json", (json.dumps(settings, indent=2) + "\n").encode())
     return final
 
 
@@ -119,7 +117,5 @@ def image_grid(images: Tensor, columns: int = 4, tile: int = 256) -> Tensor:
 
 def write_png(path: Path, rgb: Tensor) -> None:
     """rgb [3, H, W] float in [0, 1] -> 8-bit PNG."""
-    import imageio.v3 as iio
-
     array = (rgb.detach().float().clamp(0, 1).permute(1, 2, 0).cpu().numpy() * 255.0 + 0.5).astype(np.uint8)
-    iio.imwrite(path, array)
+    files.write_png(path, array)

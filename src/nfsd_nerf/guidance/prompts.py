@@ -1,6 +1,6 @@
 """View-dependent prompts: tell the 2D prior which side of the object a render shows.
 
-Published DreamFusion ranges (DESIGN.md section 4), applied in order so later rules win:
+Published DreamFusion ranges (docs/design.md, section 1.3), applied in order so later rules win:
 side by default; front if ``|azimuth| < 45``; back if ``|azimuth| > 135``; overhead if
 ``elevation > 60`` (degrees; azimuth 0 sees the object's front, see :mod:`nfsd_nerf.cameras`).
 All comparisons are strict, so 45 and 135 degrees are side views and 60 degrees is not overhead.

@@ -1,4 +1,4 @@
-"""Score-distillation rules as pure functions of noise predictions (DESIGN.md section 3).
+"""Score-distillation rules as pure functions of noise predictions (docs/design.md, section 2).
 
 Notation: ``e(y)`` is the prior's noise prediction for ``z_t`` with the prompt, ``e(0)`` with the
 unconditional prompt, ``e(neg)`` with the negative prompt; ``eps`` is the noise that was added;
@@ -8,16 +8,21 @@ are ``[B]``. Nothing here touches a model, so the formulas are tested against ha
 A rule is registered in :data:`RULES` with its default scale, its default negative prompt and which
 samples need the negative-prompt prediction; :class:`~nfsd_nerf.guidance.distill.ScoreDistillation`
 does everything else (sampling, batching, the surrogate loss) identically for every rule. Adding a
-rule means one function here and one entry in :data:`RULES`.
+rule means one function here and one entry in :data:`RULES`: ``guidance.method`` accepts any key
+of the table, the command line's ``--guidance`` help lists it, and the contract tests run over every
+entry (docs/design.md, "Adding a score-distillation rule").
+
+This module does not import torch (the functions only call tensor methods), so the command line can
+read the table for its help text without paying for torch.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
-import torch
-from torch import Tensor
+if TYPE_CHECKING:
+    from torch import Tensor
 
 PAPER_NEGATIVE_PROMPT = (
     "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, gloomy"
@@ -46,7 +51,7 @@ def weight_from_timesteps(alphas_cumprod: Tensor, t: Tensor, kind: Literal["sds"
     if kind == "sds":
         return 1.0 - alphas_cumprod[t.to(alphas_cumprod.device)].float()
     if kind == "uniform":
-        return torch.ones(t.shape, dtype=torch.float32, device=alphas_cumprod.device)
+        return alphas_cumprod.new_ones(t.shape).float()
     raise ValueError(f"unknown weighting {kind!r}")
 
 
@@ -66,7 +71,7 @@ def nfsd_grad(
     """
     delta_c = eps_cond - eps_uncond
     low_t = _per_sample(t < threshold, eps_uncond)
-    delta_d = torch.where(low_t, eps_uncond, eps_uncond - eps_neg)
+    delta_d = eps_uncond.where(low_t, eps_uncond - eps_neg)
     return _per_sample(weight, delta_c).to(delta_c.dtype) * (delta_d + scale * delta_c)
 
 
@@ -115,6 +120,8 @@ class Rule:
     """True: a user's negative prompt is the unconditional branch (CFG as in Stable Diffusion)."""
     negative_mask: Callable[[Tensor, int], Tensor] | None
     """(t [B], threshold) -> bool [B]: samples that need a separate negative-prompt prediction."""
+    description: str = ""
+    """One line for the command line's help."""
 
 
 RULES: dict[str, Rule] = {
@@ -124,6 +131,7 @@ RULES: dict[str, Rule] = {
         default_negative_prompt=PAPER_NEGATIVE_PROMPT,
         negative_replaces_uncond=False,
         negative_mask=nfsd_negative_mask,
+        description="Noise-Free Score Distillation (the paper's rule)",
     ),
     "sds": Rule(
         grad=lambda p: sds_grad(p.cond, p.uncond, p.noise, p.weight, p.scale),
@@ -131,6 +139,12 @@ RULES: dict[str, Rule] = {
         default_negative_prompt="",
         negative_replaces_uncond=True,
         negative_mask=None,
+        description="Score Distillation Sampling (DreamFusion's baseline)",
     ),
 }
 """Rule name -> rule. ``GuidanceConfig.method`` names one of these."""
+
+
+def rules_help() -> str:
+    """``"nfsd: ... (scale 7.5); sds: ... (scale 100)"`` for the command line."""
+    return "; ".join(f"{name}: {rule.description} (scale {rule.default_scale:g})" for name, rule in RULES.items())

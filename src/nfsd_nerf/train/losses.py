@@ -1,0 +1,28 @@
+"""Regularisers added to the guidance loss, as named terms."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from ..config import LossConfig
+    from ..render import RenderOutput
+
+
+def sparsity_loss(opacity: Tensor) -> Tensor:
+    """Smooth L1-like penalty on per-ray opacity [N] (threestudio's form): keeps empty space empty."""
+    return torch.sqrt(opacity**2 + 0.01).mean()
+
+
+def regularizer_terms(out: "RenderOutput", loss: "LossConfig", orientation_weight: float) -> dict[str, Tensor]:
+    """Named weighted terms: ``orientation`` (DreamFusion's, when the render computed normals and the
+    weight is positive) and ``sparsity`` (when its weight is positive)."""
+    terms = {}
+    if orientation_weight > 0:
+        terms["orientation"] = orientation_weight * out.orientation.mean()
+    if loss.sparsity > 0:
+        terms["sparsity"] = loss.sparsity * sparsity_loss(out.opacity)
+    return terms

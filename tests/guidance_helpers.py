@@ -1,0 +1,53 @@
+"""A stub prior with known predictions and Stable Diffusion's schedule in float64, shared by the
+guidance tests (tests/test_guidance_*.py)."""
+
+from __future__ import annotations
+
+import torch
+
+from nfsd_nerf.guidance.prior import DiffusionPrior
+
+C, H, W = 4, 3, 2
+"""Latent shape of the stub prior's samples."""
+
+
+def sd_alphas_cumprod_float64(n: int = 1000) -> torch.Tensor:
+    """Stable Diffusion's scaled-linear schedule, written out: ab_t = prod_{i <= t} (1 - beta_i)."""
+    betas = [(0.00085**0.5 + (0.012**0.5 - 0.00085**0.5) * i / (n - 1)) ** 2 for i in range(n)]
+    out, running = [], 1.0
+    for beta in betas:
+        running *= 1.0 - beta
+        out.append(running)
+    return torch.tensor(out, dtype=torch.float64)
+
+
+class StubPrior(DiffusionPrior):
+    """encode = identity; e(z_t, t, prompt) = table[prompt] (a fixed random tensor per prompt)."""
+
+    def __init__(self, num_train_timesteps: int = 1000):
+        self.alphas_cumprod = sd_alphas_cumprod_float64(num_train_timesteps).float()
+        self.model_id, self.revision = "stub", None
+        self.ids: dict[str, int] = {}
+        self.table = torch.randn(16, C, H, W, generator=torch.Generator().manual_seed(123))
+        self.calls: list[dict] = []
+
+    def encode(self, rgb):
+        return rgb
+
+    def decode(self, z):
+        return z
+
+    def embed(self, prompts):
+        return torch.tensor([[float(self.ids.setdefault(p, len(self.ids)))] for p in prompts])
+
+    def prompt_of(self, embedding) -> str:
+        index = int(embedding[0])
+        return next(p for p, i in self.ids.items() if i == index)
+
+    def predict_noise(self, z_t, t, embeddings, cameras=None):
+        prompts = [self.prompt_of(e) for e in embeddings]
+        self.calls.append({"z_t": z_t.clone(), "t": t.clone(), "prompts": prompts, "cameras": cameras})
+        return torch.stack([self.table[self.ids[p]] for p in prompts])
+
+    def e(self, prompt: str) -> torch.Tensor:
+        return self.table[self.ids[prompt]]

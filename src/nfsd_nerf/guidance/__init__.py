@@ -17,10 +17,6 @@ if TYPE_CHECKING:
 
     from .prior import DiffusionPrior
 
-BUILTIN = "builtin"
-"""The ``--model`` value of the built-in offline prior."""
-
-
 def load_prior(
     model: str,
     *,
@@ -36,7 +32,9 @@ def load_prior(
     the network (see :mod:`.hub`); its resolution comes from its own config, so ``image_size`` is
     unused. Failures raise :class:`~nfsd_nerf.errors.UserError`.
     """
-    if model == BUILTIN:
+    from ..config import BUILTIN_MODEL
+
+    if model == BUILTIN_MODEL:
         from .builtin import BuiltinPrior
 
         return BuiltinPrior(device=device, image_size=image_size)

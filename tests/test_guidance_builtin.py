@@ -10,6 +10,7 @@ import math
 
 import pytest
 import torch
+from guidance_helpers import SIZE
 
 from nfsd_nerf.cameras import orbit_cameras
 from nfsd_nerf.errors import UserError
@@ -25,8 +26,6 @@ from nfsd_nerf.guidance.builtin import (
 )
 from nfsd_nerf.guidance.rules import PAPER_NEGATIVE_PROMPT
 from nfsd_nerf.guidance.shapes import BACKGROUND_RGB, COLOURS, SHAPES, render_object
-
-SIZE = 16
 
 
 @pytest.fixture(scope="module")

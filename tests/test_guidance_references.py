@@ -12,8 +12,9 @@ import stat
 
 import pytest
 import torch
+from guidance_helpers import SIZE, cameras_looking_at
 
-from nfsd_nerf.cameras import Cameras, look_at, orbit_cameras
+from nfsd_nerf.cameras import look_at, orbit_cameras
 from nfsd_nerf.guidance.builtin import BuiltinPrior
 from nfsd_nerf.guidance.references import (
     align_maps,
@@ -25,22 +26,11 @@ from nfsd_nerf.guidance.references import (
 )
 from nfsd_nerf.guidance.shapes import SHAPES, render_object, shade_and_coverage
 
-SIZE = 16
-
 
 @pytest.fixture(scope="module")
 def prior(tmp_path_factory) -> BuiltinPrior:
     """A small prior (60 references per object at 16x16) with its own cache folder."""
     return BuiltinPrior(image_size=SIZE, n_references=60, cache_dir=tmp_path_factory.mktemp("refs"))
-
-
-def _cameras(eye: torch.Tensor, target: torch.Tensor, fovy_deg: float | torch.Tensor) -> Cameras:
-    """Cameras at eye [B, 3] looking at target [B, 3], Z up."""
-    b = eye.shape[0]
-    fovy = torch.deg2rad(torch.as_tensor(fovy_deg, dtype=torch.float32).expand(b))
-    c2w = look_at(eye, target, torch.tensor([0.0, 0.0, 1.0]).expand(b, 3))
-    zeros = torch.zeros(b)
-    return Cameras(c2w, fovy, zeros, zeros, eye.norm(dim=-1), eye.clone())
 
 
 # --------------------------------------------------------------------------- camera nearness
@@ -58,15 +48,15 @@ def test_same_direction_other_distance_ranks_by_distance_or_apparent_size():
     distances = torch.tensor([1.5, 1.7, 2.0, 1.65])
     eyes = direction * distances[:, None]
     eyes[3] = torch.nn.functional.normalize(torch.tensor([-1.0, 0.5, 0.4]), dim=0) * 1.65  # another side, same distance
-    refs = view_features(_cameras(eyes, torch.zeros(4, 3), 55.0))
-    query = view_features(_cameras(direction[None] * 1.65, torch.zeros(1, 3), 55.0))
+    refs = view_features(cameras_looking_at(eyes, torch.zeros(4, 3), 55.0))
+    query = view_features(cameras_looking_at(direction[None] * 1.65, torch.zeros(1, 3), 55.0))
     log_ratio = (torch.tensor([1.5, 1.7, 2.0]) / 1.65).log().abs().double()
     size_rule = {"distance_weight": 0.0, "size_weight": 1.0}  # the plain rule (docs/design.md, section 6)
     for weights, expected in [({}, 0.3 * log_ratio), (size_rule, log_ratio)]:
         assert nearest_references(query, refs, k=4, **weights)[0].tolist() == [1, 0, 2, 3]
         torch.testing.assert_close(camera_distance(query, refs, **weights)[0, :3], expected, atol=1e-6, rtol=0)
     # a wider field of view at the same distance shrinks the object by tan(fov / 2)
-    wide = view_features(_cameras(direction[None] * 1.65, torch.zeros(1, 3), 70.0))
+    wide = view_features(cameras_looking_at(direction[None] * 1.65, torch.zeros(1, 3), 70.0))
     assert camera_distance(query, wide, **size_rule).item() == pytest.approx(
         math.log(math.tan(math.radians(35)) / math.tan(math.radians(27.5))), abs=1e-6)
     assert camera_distance(query, wide).item() == pytest.approx(0.0, abs=1e-6)  # aligned: the warp handles fov
@@ -88,9 +78,9 @@ def test_alignment_is_the_identity_for_a_reference_camera(prior):
 
 def test_alignment_reprojects_a_reference_into_a_jittered_zoomed_camera():
     size = 32
-    ref = _cameras(torch.tensor([[1.2, 0.9, 0.6]]), torch.zeros(1, 3), 60.0)  # canonical: looks at the origin
+    ref = cameras_looking_at(torch.tensor([[1.2, 0.9, 0.6]]), torch.zeros(1, 3), 60.0)  # canonical: looks at the origin
     eye = ref.c2w[:, :3, 3]
-    query = _cameras(eye * 1.2, torch.tensor([[0.1, -0.15, 0.1]]), 45.0)  # farther, off-centre, narrower
+    query = cameras_looking_at(eye * 1.2, torch.tensor([[0.1, -0.15, 0.1]]), 45.0)  # farther, off-centre, narrower
     query.c2w = look_at(query.c2w[:, :3, 3], torch.tensor([[0.1, -0.15, 0.1]]), torch.tensor([[0.05, 0.0, 1.0]]))
     shade, coverage = shade_and_coverage(SHAPES["cube"], ref, size)
     grid = alignment_grid(query, ref.fovy[:, None], eye.norm(dim=-1)[:, None], size)

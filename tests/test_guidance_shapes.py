@@ -10,8 +10,9 @@ import math
 
 import pytest
 import torch
+from guidance_helpers import cameras_looking_at
 
-from nfsd_nerf.cameras import Cameras, look_at, orbit_cameras, position_from_spherical
+from nfsd_nerf.cameras import orbit_cameras, position_from_spherical
 from nfsd_nerf.errors import UserError
 from nfsd_nerf.guidance.rules import PAPER_NEGATIVE_PROMPT
 from nfsd_nerf.guidance.shapes import (
@@ -24,15 +25,6 @@ from nfsd_nerf.guidance.shapes import (
     render_object,
     shade_and_coverage,
 )
-
-
-def _cameras(eye: torch.Tensor, target: torch.Tensor, fovy_deg: float | torch.Tensor) -> Cameras:
-    """Cameras at eye [B, 3] looking at target [B, 3], Z up."""
-    b = eye.shape[0]
-    fovy = torch.deg2rad(torch.as_tensor(fovy_deg, dtype=torch.float32).expand(b))
-    c2w = look_at(eye, target, torch.tensor([0.0, 0.0, 1.0]).expand(b, 3))
-    zeros = torch.zeros(b)
-    return Cameras(c2w, fovy, zeros, zeros, eye.norm(dim=-1), eye.clone())
 
 
 # --------------------------------------------------------------------------- prompts
@@ -87,7 +79,7 @@ def test_shading_uses_world_fixed_lights_so_colour_is_view_independent():
     # the cube's +X face, seen head-on and from 35 degrees to the side: same colour
     eyes = torch.stack([position_from_spherical(torch.tensor(a), torch.tensor(0.0), torch.tensor(1.8)) for a in (0.0, 35.0)])
     targets = torch.tensor([[0.36, 0.0, 0.0], [0.36, 0.0, 0.0]])
-    rgb, coverage = render_object("cube", "blue", _cameras(eyes, targets, 20.0), 8)
+    rgb, coverage = render_object("cube", "blue", cameras_looking_at(eyes, targets, 20.0), 8)
     assert coverage[:, 3:5, 3:5].min() == 1.0
     key = torch.nn.functional.normalize(torch.tensor(LIGHTS[0][0]), dim=0)
     shade = AMBIENT + LIGHTS[0][1] * key[0].item()  # the fill light is behind the face

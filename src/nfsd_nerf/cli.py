@@ -10,6 +10,7 @@ import typer
 from . import __version__
 from .config import DEFAULT_MODEL
 from .errors import UserError
+from .export.formats import formats_help, textured_formats
 from .guidance.rules import rules_help
 
 DEVICE_HELP = "auto (CUDA when available), cuda or cpu."
@@ -158,24 +159,13 @@ def _rich_progress(console, label: str):
     return Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=console)
 
 
-def _mesh_formats():
-    """The export format table, for ``export``'s help (formats.py imports only numpy: --help stays fast)."""
-    from .export.formats import FORMATS
-
-    return FORMATS
-
-
 @app.command()
 def export(
     run_dir: Path = typer.Argument(..., help="A run folder written by `nfsd-nerf train`."),
-    format: str = typer.Option(
-        "glb", "--format", "-f", help="; ".join(f"{name}: {spec.description}" for name, spec in _mesh_formats().items())
-    ),
+    format: str = typer.Option("glb", "--format", "-f", help=f"Mesh format. {formats_help()}."),
     resolution: int = typer.Option(256, help="Marching-cubes grid resolution per side."),
     threshold: str = typer.Option("auto", help='Density level of the surface: "auto" (from the field) or a number.'),
-    texture_size: int = typer.Option(
-        1024, help=f"Texture size in pixels ({', '.join(n for n, spec in _mesh_formats().items() if spec.needs_texture)})."
-    ),
+    texture_size: int = typer.Option(1024, help=f"Texture size in pixels ({', '.join(textured_formats())})."),
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint to export (default: the run's latest)."),
 ) -> None:
     """Extract a coloured mesh into RUN_DIR/export/."""

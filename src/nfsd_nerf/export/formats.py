@@ -148,6 +148,16 @@ FORMATS: dict[str, MeshFormat] = {
 """Export formats by name (the ``--format`` value and the main file's suffix)."""
 
 
+def formats_help() -> str:
+    """``"glb: binary glTF with embedded texture; obj: ...; ply: ..."`` for the command line."""
+    return "; ".join(f"{name}: {spec.description}" for name, spec in FORMATS.items())
+
+
+def textured_formats() -> list[str]:
+    """Names of the formats that carry a baked texture (``--texture-size`` applies to them)."""
+    return [name for name, spec in FORMATS.items() if spec.needs_texture]
+
+
 def mesh_format(name: str) -> MeshFormat:
     """The table entry of ``name``; :class:`UserError` naming the known formats otherwise."""
     if name not in FORMATS:

@@ -32,7 +32,7 @@ def _p90(values: list[float]) -> float:
 
 def time_steps(cfg, prior, device: torch.device, *, warmup: int, steps: int, label: str) -> list[dict]:
     """Run ``warmup`` + ``steps`` training steps and return one row per stage plus totals."""
-    distill = ScoreDistillation(prior, cfg.guidance)
+    distill = ScoreDistillation(prior, cfg.guidance, cfg.prompts, cfg.prompt)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp), device, prior, distill)
         for _ in range(warmup):
@@ -85,7 +85,10 @@ def bench_training(quick: bool = False) -> list[dict]:
         folder = build_tiny_sd(Path(tmp) / "tiny-sd")
         cfg = merge(load_config(preset_path("cpu-tiny")), {"prompt": "a hamburger", "train": {"device": "cpu"}})
         prior = load_prior(str(folder), device=cpu, image_size=cfg.render.size, offline=True)
-        rows += time_steps(cfg, prior, cpu, warmup=warmup, steps=steps, label="tiny SD, CPU, NFSD 32x32")
+        plain = time_steps(cfg, prior, cpu, warmup=warmup, steps=steps, label="tiny SD, CPU, NFSD 32x32")
+        cfg = merge(cfg, {"guidance": {"perp_neg": True}})
+        perp_neg = time_steps(cfg, prior, cpu, warmup=warmup, steps=steps, label="tiny SD, CPU, NFSD + Perp-Neg 32x32")
+        rows += plain + perp_neg + [_ratio("tiny SD, CPU: Perp-Neg / plain step time", perp_neg, plain)]
 
     # 3. The default preset with the full-size SD 2.1-base architecture on CUDA, NFSD and SDS
     if not torch.cuda.is_available():
@@ -101,7 +104,20 @@ def bench_training(quick: bool = False) -> list[dict]:
                     {"prompt": "a DSLR photo of a hamburger", "guidance": {"method": method}, "train": {"device": "cuda"}})
         method_rows = time_steps(cfg, prior, gpu, warmup=warmup, steps=steps,
                                  label=f"default preset, full-size SD 2.1-base, CUDA fp16, {method.upper()}")
-        per_method[method] = next(r["value"] for r in method_rows if r["name"].endswith("whole step"))
+        per_method[method] = _whole_step(method_rows)
         rows += method_rows
     rows.append({"name": "NFSD / SDS step-time ratio", "value": per_method["nfsd"] / per_method["sds"], "unit": "x"})
+    cfg = merge(cfg, {"guidance": {"method": "nfsd", "perp_neg": True}})
+    perp_neg = time_steps(cfg, prior, gpu, warmup=warmup, steps=steps,
+                          label="default preset, full-size SD 2.1-base, CUDA fp16, NFSD + Perp-Neg")
+    rows += perp_neg + [{"name": "NFSD + Perp-Neg / NFSD step-time ratio", "unit": "x",
+                         "value": _whole_step(perp_neg) / per_method["nfsd"]}]
     return rows
+
+
+def _whole_step(rows: list[dict]) -> float:
+    return next(r["value"] for r in rows if r["name"].endswith("whole step"))
+
+
+def _ratio(name: str, rows: list[dict], baseline: list[dict]) -> dict:
+    return {"name": name, "value": _whole_step(rows) / _whole_step(baseline), "unit": "x"}

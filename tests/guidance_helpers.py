@@ -64,3 +64,23 @@ def cameras_looking_at(eye: torch.Tensor, target: torch.Tensor, fovy_deg: float 
     c2w = look_at(eye, target, torch.tensor([0.0, 0.0, 1.0]).expand(b, 3))
     zeros = torch.zeros(b)
     return Cameras(c2w, fovy, zeros, zeros, eye.norm(dim=-1), eye.clone())
+
+
+class LinearStubPrior(StubPrior):
+    """Embeddings are one-hot vectors [N, 16] and e(z_t, t, emb) = emb @ table: a prediction is linear
+    in its embedding, so interpolated embeddings (Perp-Neg) have hand-computable predictions."""
+
+    def embed(self, prompts):
+        ids = [self.ids.setdefault(p, len(self.ids)) for p in prompts]
+        return torch.nn.functional.one_hot(torch.tensor(ids), 16).float()
+
+    def prompt_of(self, embedding) -> str:
+        hot = (embedding == 1).nonzero().flatten()
+        if len(hot) == 1 and embedding.sum() == 1:
+            return next(p for p, i in self.ids.items() if i == int(hot[0]))
+        return "mixed"
+
+    def predict_noise(self, z_t, t, embeddings, cameras=None):
+        self.calls.append({"z_t": z_t.clone(), "t": t.clone(), "prompts": [self.prompt_of(e) for e in embeddings],
+                           "embeddings": embeddings.clone(), "cameras": cameras})
+        return torch.einsum("nk,kchw->nchw", embeddings, self.table)

@@ -220,3 +220,75 @@ def test_every_rule_meets_the_distillation_contract(name):
         weight=weight_from_timesteps(ab, t, "sds"), scale=guidance.scale, threshold=guidance.threshold))
     assert expected.shape == z.shape and torch.isfinite(expected).all()
     assert torch.allclose(z.grad, expected / batch, atol=1e-4)
+
+
+# --------------------------------------------------------------------------- Perp-Neg
+
+
+def _perp(a, b):
+    """a - (<a, b> / ||b||^2) b for one sample, written out in float64."""
+    a, b = a.double(), b.double()
+    return a - (a * b).sum() / (b * b).sum() * b
+
+
+@pytest.mark.parametrize("method", ["nfsd", "sds"])
+def test_perp_neg_rows_and_gradient(method):
+    from guidance_helpers import LinearStubPrior
+
+    from nfsd_nerf.cameras import orbit_cameras
+    from nfsd_nerf.config import PromptsConfig
+    from nfsd_nerf.guidance.perp_neg import perp_neg_weights
+    from nfsd_nerf.guidance.prompts import VIEWS, view_texts
+
+    prior, batch, prompts_cfg = LinearStubPrior(), 5, PromptsConfig(back="the back of a hamburger bun")
+    cams = orbit_cameras(batch, elevation_deg=15.0)  # azimuths 0, 72, 144, -144, -72
+    cams.elevation[4] = 70.0  # one overhead view
+    guidance = ScoreDistillation(prior, GuidanceConfig(method=method, perp_neg=True, t_min=0.1, t_max=0.3),
+                                 prompts_cfg, "a hamburger")
+    z = torch.randn(batch, C, H, W, generator=torch.Generator().manual_seed(99)).requires_grad_(True)
+    loss, info = guidance.loss(z, ["ignored"] * batch, cams, 0.0, torch.Generator().manual_seed(0))
+    loss.backward()
+    assert len(prior.calls) == 1, "still one batched prediction per step"
+    call, t = prior.calls[0], torch.tensor(info["t"])
+
+    # rows: B interpolated positives, B uncond, NFSD's negative prompt where t >= 200, then the
+    # negative views with a non-zero weight (none for the overhead sample)
+    weights = perp_neg_weights(cams.azimuth, cams.elevation, prompts_cfg)
+    n_views = int((weights.negative != 0).sum())
+    n_neg = int((t >= 200).sum()) if method == "nfsd" else 0
+    assert n_views == 2 * (batch - 1)
+    assert len(call["prompts"]) == 2 * batch + n_neg + n_views
+    assert call["prompts"][batch : 2 * batch] == [""] * batch
+
+    texts = list(view_texts("a hamburger", prompts_cfg).values())
+    assert texts[VIEWS.index("back")] == "the back of a hamburger bun"
+    e = {p: prior.e(p).double() for p in texts + [""]}
+    ab = sd_alphas_cumprod_float64()
+    noise = (call["z_t"][:batch].double() - ab[t].sqrt().reshape(-1, 1, 1, 1) * z.detach().double()) / (
+        1 - ab[t]).sqrt().reshape(-1, 1, 1, 1)
+    expected = torch.empty(batch, C, H, W, dtype=torch.float64)
+    for i in range(batch):
+        e_pos = sum(weights.positive[i, v] * e[texts[v]] for v in range(4)) - e[""]
+        d = e_pos.clone()
+        for slot in range(2):
+            w = weights.negative[i, slot].item()
+            if w != 0:
+                d += w * _perp(e[texts[int(weights.negative_views[i, slot])]] - e[""], e_pos)
+        w_t = 1 - ab[t[i]]
+        if method == "nfsd":
+            d_d = e[""] if t[i] < 200 else e[""] - prior.e(PAPER_NEGATIVE_PROMPT).double()
+            expected[i] = w_t * (d_d + 7.5 * d)
+        else:
+            expected[i] = w_t * (e[""] + 100.0 * d - noise[i])
+    assert torch.allclose(z.grad.double(), expected / batch, atol=1e-4, rtol=1e-4)
+
+
+def test_perp_neg_is_refused_without_views_or_with_a_camera_conditioned_prior(tmp_path):
+    from nfsd_nerf.config import PromptsConfig
+    from nfsd_nerf.guidance.builtin import BuiltinPrior
+
+    with pytest.raises(UserError, match="view-dependent prompts"):
+        ScoreDistillation(StubPrior(), GuidanceConfig(perp_neg=True))
+    builtin = BuiltinPrior(image_size=8, n_references=4, cache_dir=tmp_path)
+    with pytest.raises(UserError, match="conditions on the camera"):
+        ScoreDistillation(builtin, GuidanceConfig(perp_neg=True), PromptsConfig(), "a red cube")

@@ -47,3 +47,14 @@ def test_orbit_cameras_read_front_side_back_side():
     cams = orbit_cameras(8, elevation_deg=15)  # azimuths 0, 45, ..., 315
     names = view_names_from_angles(cams.azimuth, cams.elevation)
     assert names == ["front", "side", "side", "side", "back", "side", "side", "side"]
+
+
+def test_thresholds_and_texts_come_from_the_prompts_section():
+    from nfsd_nerf.config import PromptsConfig
+
+    cfg = PromptsConfig(front_max_azimuth=30.0, back_min_azimuth=150.0, overhead_min_elevation=40.0,
+                        back="the back of a hamburger bun")
+    az, el = torch.tensor([35.0, 160.0, 140.0, 0.0]), torch.tensor([0.0, 0.0, 0.0, 45.0])
+    assert view_names_from_angles(az, el, cfg) == ["side", "back", "side", "overhead"]
+    assert view_dependent_prompts("a hamburger", az, el, cfg) == [
+        "a hamburger, side view", "the back of a hamburger bun", "a hamburger, side view", "a hamburger, overhead view"]

@@ -247,3 +247,33 @@ def test_a_rule_registered_in_the_table_trains_through_the_command_line(tmp_path
     assert summary["guidance"] == "cfg-only" and summary["scale"] == 3.0 and summary["steps"] == 5
     assert yaml.safe_load((run / "config.yaml").read_text())["guidance"]["method"] == "cfg-only"
     assert calls == [1] * 5  # the rule ran once per step, on the batch
+
+
+def test_perp_neg_and_per_view_prompts_are_recorded(tiny_sd_path, tmp_path):
+    out = tmp_path / "outputs"
+    result = runner.invoke(app, [
+        "train", "a hamburger", "--model", str(tiny_sd_path), "--offline", "--perp-neg",
+        "--config", "configs/cpu-tiny.yaml", "--steps", "2", "--size", "32", "--out", str(out), *FAST,
+        "--set", "prompts.back=the back of a hamburger bun", "--set", "cameras.elevation_range=[-10, 90]",
+    ])
+    assert result.exit_code == 0, result.output
+    run = only_run(out)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["guidance"]["perp_neg"] is True and cfg["prompts"]["back"] == "the back of a hamburger bun"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["perp_neg"] is True and summary["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize("args, message", [
+    (["train", "a red cube", "--model", "builtin", "--perp-neg"], "built-in prior conditions on the camera"),
+    (["train", "a hamburger", "--model", "/nonexistent-model", "--perp-neg", "--set",
+      "guidance.view_dependent_prompts=false"], "needs view-dependent prompts"),
+    (["image", "a hamburger", "--model", "builtin", "--perp-neg"], "the 2D experiment has one view"),
+    (["train", "a red cube", "--model", "builtin", "--set", "prompts.front_max_azimuth=170"], "front_max_azimuth"),
+    (["train", "a red cube", "--model", "builtin", "--set", "prompts.side="], "prompts.side is empty"),
+])
+def test_perp_neg_is_refused_before_a_run_folder_exists(tmp_path, args, message):
+    result = runner.invoke(app, [*args, "--out", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

@@ -73,6 +73,8 @@ def train(
     guidance: Optional[str] = typer.Option(None, help=f"Score-distillation rule (default nfsd). {rules_help()}."),
     scale: Optional[float] = typer.Option(None, help="Guidance scale; unset: the rule's default."),
     negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt; unset: the rule's default (NFSD: the paper's)."),
+    perp_neg: bool = typer.Option(False, "--perp-neg", help="Perp-Neg against the Janus problem (Stable Diffusion; "
+                                  "view weights in the prompts section)."),
     size: Optional[int] = typer.Option(None, help="Training render resolution in pixels."),
     out: Path = typer.Option(Path("outputs"), help="Parent folder of the run folder."),
     device: Optional[str] = typer.Option(None, help=DEVICE_HELP),
@@ -89,7 +91,7 @@ def train(
             "train.steps": steps, "train.seed": seed, "train.device": device, "guidance.model": model,
             "guidance.revision": revision, "guidance.method": guidance, "guidance.scale": scale,
             "guidance.negative_prompt": negative_prompt, "render.size": size,
-            "guidance.offline": True if offline else None,
+            "guidance.offline": True if offline else None, "guidance.perp_neg": True if perp_neg else None,
         }
         cfg, ckpt = _train_config(prompt, config, overrides, flags, resume)
         console = Console(soft_wrap=True)
@@ -138,7 +140,8 @@ def _train_config(prompt: str | None, config: Path | None, overrides: list[str],
 
 def _print_summary(console, run_dir: Path, summary: dict) -> None:
     console.print(
-        f"done: {summary['steps']} steps of {summary['guidance'].upper()} (scale {summary['scale']:g}) "
+        f"done: {summary['steps']} steps of {summary['guidance'].upper()}{' + Perp-Neg' if summary.get('perp_neg') else ''} "
+        f"(scale {summary['scale']:g}) "
         f"in {summary['wall_time_s']:.1f} s ({summary['seconds_per_step']:.3f} s/step) on {summary['device']}"
     )
     if summary.get("eval"):
@@ -243,6 +246,7 @@ def image(
     guidance: str = typer.Option("nfsd", help=f"Score-distillation rule. {rules_help()}."),
     scale: Optional[float] = typer.Option(None, help="Guidance scale; unset: the rule's default."),
     negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt; unset: the rule's default."),
+    perp_neg: bool = typer.Option(False, "--perp-neg", hidden=True),
     steps: int = typer.Option(500, help="Optimization steps."),
     lr: float = typer.Option(0.05, help="Adam learning rate on the latent."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -268,6 +272,8 @@ def image(
             raise UserError("the prompt is empty")
         if steps <= 0:
             raise UserError(f"--steps must be positive, got {steps}")
+        if perp_neg:
+            raise UserError("--perp-neg needs view-dependent prompts from 3D cameras; the 2D experiment has one view")
         settings = GuidanceConfig(model=model, revision=revision, offline=offline, method=guidance, scale=scale,
                                   negative_prompt=negative_prompt)
         check_guidance(settings)

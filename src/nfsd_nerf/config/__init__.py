@@ -18,13 +18,14 @@ from .sections import (
     GuidanceConfig,
     LossConfig,
     OptimConfig,
+    PromptsConfig,
     RenderConfig,
     TrainConfig,
 )
 
 __all__ = [
     "BUILTIN_MODEL", "DEFAULT_MODEL", "PRESET_DIR", "BackgroundConfig", "CameraConfig", "Config", "FieldConfig",
-    "GuidanceConfig", "LossConfig", "OptimConfig", "RenderConfig", "TrainConfig", "check_config", "check_guidance",
+    "GuidanceConfig", "LossConfig", "OptimConfig", "PromptsConfig", "RenderConfig", "TrainConfig", "check_config", "check_guidance",
     "dump_yaml", "from_dict", "load_config", "merge", "parse_override", "preset_path", "read_yaml", "to_dict",
     "with_rule_defaults",
 ]

@@ -12,7 +12,7 @@ from typing import Callable
 
 from ..errors import UserError
 from ..guidance.rules import RULES
-from .sections import Config, GuidanceConfig
+from .sections import BUILTIN_MODEL, Config, GuidanceConfig, PromptsConfig
 
 
 def _check_all(kind: str, values: dict[str, float], ok: Callable[[float], bool]) -> None:
@@ -86,3 +86,26 @@ def check_config(cfg: Config) -> None:
     if not (0 < c.fovy_range[0] and c.fovy_range[1] < 180):
         raise UserError(f"cameras.fovy_range must lie in (0, 180) degrees, got {list(c.fovy_range)}")
     check_guidance(cfg.guidance)
+    check_prompts(cfg.prompts)
+    if cfg.guidance.perp_neg:
+        if cfg.guidance.model == BUILTIN_MODEL:
+            raise UserError("--perp-neg needs a prior conditioned on view prompts; the built-in prior conditions "
+                            "on the camera itself: use a Stable Diffusion model")
+        if not cfg.guidance.view_dependent_prompts:
+            raise UserError("--perp-neg needs view-dependent prompts: drop guidance.view_dependent_prompts=false")
+
+
+def check_prompts(p: PromptsConfig) -> None:
+    """View thresholds in order and finite Perp-Neg weights; empty per-view prompts refused."""
+    if not 0 <= p.front_max_azimuth <= p.back_min_azimuth <= 180:
+        raise UserError("prompts: need 0 <= front_max_azimuth <= back_min_azimuth <= 180, got "
+                        f"{p.front_max_azimuth} and {p.back_min_azimuth}")
+    if not -90 <= p.overhead_min_elevation <= 90:
+        raise UserError(f"prompts.overhead_min_elevation must be in [-90, 90] degrees, got {p.overhead_min_elevation}")
+    for name in ("f_fs", "f_sf", "f_sb", "f_fsb"):
+        if not all(math.isfinite(v) for v in getattr(p, name)):
+            raise UserError(f"prompts.{name} must be three finite numbers, got {list(getattr(p, name))}")
+    for view in ("front", "side", "back", "overhead"):
+        text = getattr(p, view)
+        if text is not None and not text.strip():
+            raise UserError(f"prompts.{view} is empty: leave it unset for the default \"<prompt>, {view} view\"")

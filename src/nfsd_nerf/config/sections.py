@@ -140,6 +140,37 @@ class GuidanceConfig:
     """Append ", front view" / ", side view" / ... from each camera."""
     half_precision: bool = True
     """Run the diffusion model in fp16 on CUDA (always fp32 on CPU)."""
+    perp_neg: bool = False
+    """Perp-Neg (Janus mitigation): the conditional direction interpolates the two nearest view
+    prompts and pushes away from the other views' directions, perpendicular to it (``prompts`` section)."""
+
+
+@dataclass
+class PromptsConfig:
+    """View-dependent prompts: which view a camera sees, each view's prompt, Perp-Neg's view weights."""
+
+    front: Optional[str] = None
+    """Prompt for front views; unset: ``"<prompt>, front view"``."""
+    side: Optional[str] = None
+    """Prompt for side views; unset: ``"<prompt>, side view"``."""
+    back: Optional[str] = None
+    """Prompt for back views; unset: ``"<prompt>, back view"``."""
+    overhead: Optional[str] = None
+    """Prompt for overhead views; unset: ``"<prompt>, overhead view"``."""
+    front_max_azimuth: float = 45.0
+    """A view is a front view when ``|azimuth| <`` this (degrees; azimuth 0 sees the front)."""
+    back_min_azimuth: float = 135.0
+    """A view is a back view when ``|azimuth| >`` this (degrees)."""
+    overhead_min_elevation: float = 60.0
+    """A view is overhead when its elevation ``>`` this (degrees); wins over the azimuth."""
+    f_fs: tuple[float, float, float] = (4.0, 0.5, -2.426)
+    """Perp-Neg weight ``a * exp(-b * r) + c`` of the front prompt between front and side (threestudio)."""
+    f_sf: tuple[float, float, float] = (4.0, 0.5, -2.426)
+    """Perp-Neg weight of the side prompt between front and side."""
+    f_sb: tuple[float, float, float] = (1.0, 0.5, -0.606)
+    """Perp-Neg weight of the side prompt between side and back."""
+    f_fsb: tuple[float, float, float] = (1.0, 0.5, 0.967)
+    """Perp-Neg weight of the front prompt between side and back."""
 
 
 @dataclass
@@ -205,6 +236,7 @@ class Config:
     render: RenderConfig = dataclasses.field(default_factory=RenderConfig)
     cameras: CameraConfig = dataclasses.field(default_factory=CameraConfig)
     guidance: GuidanceConfig = dataclasses.field(default_factory=GuidanceConfig)
+    prompts: PromptsConfig = dataclasses.field(default_factory=PromptsConfig)
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     loss: LossConfig = dataclasses.field(default_factory=LossConfig)
     train: TrainConfig = dataclasses.field(default_factory=TrainConfig)

@@ -171,6 +171,8 @@ class BuiltinPrior(DiffusionPrior):
     :data:`NEGATIVE`).
     """
 
+    conditions_on_camera = True
+
     def __init__(
         self,
         *,

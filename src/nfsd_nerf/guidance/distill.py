@@ -13,13 +13,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
+from ..errors import UserError
 from ..profiling import stage
+from .perp_neg import perp_neg_direction, perp_neg_weights
 from .prior import DiffusionPrior
+from .prompts import view_texts
 from .rules import RULES, Predictions, threshold_for_schedule, weight_from_timesteps
 
 if TYPE_CHECKING:
     from ..cameras import Cameras
-    from ..config import GuidanceConfig
+    from ..config import GuidanceConfig, PromptsConfig
 
 
 def sample_timesteps(
@@ -50,7 +53,10 @@ class ScoreDistillation:
     """Shared by every rule in :data:`~nfsd_nerf.guidance.rules.RULES`: built from a ``guidance``
     config section, with the rule's default scale and negative prompt where the section sets none."""
 
-    def __init__(self, prior: DiffusionPrior, cfg: "GuidanceConfig"):
+    def __init__(self, prior: DiffusionPrior, cfg: "GuidanceConfig", prompts: "PromptsConfig | None" = None,
+                 prompt: str | None = None):
+        """``prompts`` and ``prompt`` (the run's ``prompts`` section and text prompt) are needed for
+        Perp-Neg only: its rows use every view's prompt."""
         from ..config import check_guidance, with_rule_defaults
 
         check_guidance(cfg)
@@ -61,6 +67,14 @@ class ScoreDistillation:
         self.negative_prompt: str = self.cfg.negative_prompt
         self.uncond_prompt = self.negative_prompt if self.rule.negative_replaces_uncond else ""
         self.threshold = threshold_for_schedule(prior.num_train_timesteps)
+        self.perp_neg = None
+        if cfg.perp_neg:
+            if prompts is None or prompt is None:
+                raise UserError("--perp-neg needs view-dependent prompts from 3D cameras (nfsd-nerf train)")
+            if prior.conditions_on_camera:
+                raise UserError(f"--perp-neg needs a prior conditioned on view prompts; {prior.model_id} "
+                                "conditions on the camera itself")
+            self.perp_neg = (prompts, list(view_texts(prompt, prompts).values()))
 
     def loss(
         self,
@@ -133,25 +147,60 @@ class ScoreDistillation:
     def _predict(self, z_t: Tensor, t: Tensor, t_cpu: Tensor, prompts: list[str], cameras: "Cameras | None"):
         """ONE prior call for every row the rule needs: z_t, t [B] -> (e(y), e(0), e(neg) or None), each [B, ...].
 
-        The rows are ``B`` conditional, ``B`` unconditional, then negative rows only for the samples
-        the rule's ``negative_mask`` selects; ``e(neg)`` is zero elsewhere (the rule never reads it).
+        Rows: ``B`` conditional, ``B`` unconditional, negative-prompt rows only for the samples the
+        rule's ``negative_mask`` selects (``e(neg)`` is zero elsewhere: the rule never reads it), and
+        with Perp-Neg the other views' rows whose weight is not zero. With Perp-Neg the conditional
+        rows use the interpolated view embedding, and the returned ``e(y)`` is ``e(0) + d`` with ``d``
+        the Perp-Neg direction, so every rule's ``e(y) - e(0)`` becomes ``d``.
         """
         prior, batch = self.prior, z_t.shape[0]
         mask = self.rule.negative_mask
         neg_index = (mask(t_cpu, self.threshold) if mask is not None else torch.zeros(batch, dtype=torch.bool)).nonzero().flatten()
-        rows = torch.cat([torch.arange(batch), torch.arange(batch), neg_index])  # [2B + K]
+        rows = [torch.arange(batch), torch.arange(batch), neg_index]
         embeddings = [prior.embed(prompts), _repeat(prior.embed([self.uncond_prompt]), batch)]
         if len(neg_index):
             embeddings.append(_repeat(prior.embed([self.negative_prompt]), len(neg_index)))
+        if self.perp_neg is not None:
+            views = self._perp_neg_rows(cameras, rows, embeddings)
+        rows = torch.cat(rows)  # [2B + K (+ M)]
         rows_dev = rows.to(z_t.device)
         eps = prior.predict_noise(
             z_t[rows_dev], t[rows_dev], torch.cat(embeddings), None if cameras is None else cameras[rows.to(cameras.device)]
         ).float()
+        cond, uncond = eps[:batch], eps[batch : 2 * batch]
         negative = None
         if mask is not None:
             negative = torch.zeros_like(z_t)
-            negative[neg_index.to(z_t.device)] = eps[2 * batch :]
-        return eps[:batch], eps[batch : 2 * batch], negative
+            negative[neg_index.to(z_t.device)] = eps[2 * batch : 2 * batch + len(neg_index)]
+        if self.perp_neg is not None:
+            cond = uncond + self._perp_neg_direction(eps[2 * batch + len(neg_index) :], cond, uncond, views)
+        return cond, uncond, negative
+
+    def _perp_neg_rows(self, cameras: "Cameras | None", rows: list[Tensor], embeddings: list[Tensor]):
+        """Replace the conditional embeddings by the interpolated view embeddings and append the
+        negative-view rows whose weight is not zero; returns the weights and where those rows are."""
+        if cameras is None:
+            raise ValueError("Perp-Neg needs the cameras of the views")
+        settings, texts = self.perp_neg
+        batch = len(rows[0])
+        weights = perp_neg_weights(cameras.azimuth, cameras.elevation, settings)
+        view_embeddings = self.prior.embed(texts)  # [4, ...]
+        flat = view_embeddings.reshape(len(texts), -1)
+        embeddings[0] = (weights.positive.to(flat) @ flat).reshape(batch, *view_embeddings.shape[1:])
+        used = weights.negative != 0  # [B, 2]
+        sample, slot = used.nonzero(as_tuple=True)
+        rows.append(sample)
+        embeddings.append(view_embeddings[weights.negative_views[sample, slot].to(view_embeddings.device)])
+        return weights, sample, slot
+
+    @staticmethod
+    def _perp_neg_direction(eps_views: Tensor, cond: Tensor, uncond: Tensor, views) -> Tensor:
+        """The Perp-Neg direction [B, ...] from the predictions of the negative-view rows."""
+        weights, sample, slot = views
+        e_neg = torch.zeros(cond.shape[0], 2, *cond.shape[1:], dtype=cond.dtype, device=cond.device)
+        sample_dev, slot_dev = sample.to(cond.device), slot.to(cond.device)
+        e_neg[sample_dev, slot_dev] = eps_views - uncond[sample_dev]
+        return perp_neg_direction(cond - uncond, e_neg, weights.negative.to(cond.device))
 
 
 def _repeat(embedding: Tensor, n: int) -> Tensor:

@@ -29,6 +29,9 @@ class DiffusionPrior(ABC):
     """What was loaded: a hub id, a local folder or "builtin"."""
     revision: str | None
     """Commit hash (or the requested revision when no hash is known); None for local folders."""
+    conditions_on_camera: bool = False
+    """True for priors that condition on the camera itself rather than on view prompts (the
+    built-in prior): view-prompt techniques such as Perp-Neg do not apply to them."""
 
     @property
     def num_train_timesteps(self) -> int:

@@ -20,7 +20,7 @@ from ..checkpoint import FINAL, LATEST, Checkpoint
 from ..config import BUILTIN_MODEL, Config, check_config
 from ..errors import UserError
 from ..files import atomic_copy, check_writable, new_run_dir
-from ..guidance.prompts import view_dependent_prompts
+from ..guidance.prompts import view_texts
 from ..runtime import describe_device, package_versions, resolve_device
 from .run_folder import MetricsLog, write_config, write_preview, write_summary
 from .step import StepResult, Trainer
@@ -51,11 +51,7 @@ class RunResult:
 
 def prompt_variants(cfg: Config) -> list[str]:
     """The prompts a run can ask the prior for: the prompt (or its view variants), uncond, negative."""
-    if cfg.guidance.view_dependent_prompts:
-        angles = torch.tensor([0.0, 90.0, 180.0, 0.0]), torch.tensor([0.0, 0.0, 0.0, 90.0])
-        prompts = view_dependent_prompts(cfg.prompt, *angles)  # front, side, back, overhead
-    else:
-        prompts = [cfg.prompt]
+    prompts = list(view_texts(cfg.prompt, cfg.prompts).values()) if cfg.guidance.view_dependent_prompts else [cfg.prompt]
     return prompts + [""] + ([cfg.guidance.negative_prompt] if cfg.guidance.negative_prompt else [])
 
 
@@ -106,7 +102,7 @@ def _load_guidance(cfg: Config, device: torch.device):
     g = cfg.guidance
     prior = load_prior(g.model, revision=g.revision, device=device, half_precision=g.half_precision,
                        offline=g.offline, image_size=cfg.render.size)
-    distill = ScoreDistillation(prior, g)
+    distill = ScoreDistillation(prior, g, cfg.prompts, cfg.prompt)
     cfg = dataclasses.replace(cfg, guidance=distill.cfg)
     prior.embed(prompt_variants(cfg))
     return cfg, prior, distill
@@ -227,6 +223,7 @@ def _finish(trainer: Trainer, step_times: list[float], *, wall_start: float) -> 
         "guidance": cfg.guidance.method,
         "scale": float(cfg.guidance.scale),
         "negative_prompt": cfg.guidance.negative_prompt,
+        "perp_neg": cfg.guidance.perp_neg,
         "steps": trainer.step,
         "skipped_steps": trainer.skipped_total,
         "wall_time_s": round(time.perf_counter() - wall_start, 2),

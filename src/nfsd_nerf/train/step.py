@@ -108,7 +108,7 @@ def render_views(scene: Scene, views: TrainingViews, cfg: Config, need_normals: 
 def views_prompts(cfg: Config, cameras: Cameras) -> list[str]:
     """One prompt per view: the prompt with ", front view" etc., or the prompt as is."""
     if cfg.guidance.view_dependent_prompts:
-        return view_dependent_prompts(cfg.prompt, cameras.azimuth, cameras.elevation)
+        return view_dependent_prompts(cfg.prompt, cameras.azimuth, cameras.elevation, cfg.prompts)
     return [cfg.prompt] * len(cameras)
 
 

@@ -278,3 +278,35 @@ def test_no_input_gradient_unless_asked():
     x = torch.rand(5, 3)
     enc(x).sum().backward()
     assert x.grad is None and enc.params.grad is not None
+
+
+def _table_gradient_with_spy(monkeypatch):
+    """Run one backward through the grid and return the index dtypes handed to ``scatter_add_``."""
+    seen = []
+    original = torch.Tensor.scatter_add_
+
+    def spy(self, dim, index, src):
+        seen.append(index.dtype)
+        return original(self, dim, index, src)
+
+    enc = HashGridEncoding(n_levels=2, n_features_per_level=2, log2_hashmap_size=8, base_resolution=4,
+                           per_level_scale=2.0, backend="torch")
+    with monkeypatch.context() as patch:
+        patch.setattr(torch.Tensor, "scatter_add_", spy)
+        enc(torch.rand(64, 3, generator=torch.Generator().manual_seed(0))).sum().backward()
+    return seen, enc.params.grad
+
+
+def test_scatter_index_dtype_follows_what_this_torch_accepts(monkeypatch):
+    """torch >= 2.8 takes int32 scatter indices; 2.4-2.7 (admitted by pyproject) only int64."""
+    from nfsd_nerf.encoding import torch_backend
+
+    major, minor = (int(p) for p in torch.__version__.split(".")[:2])
+    assert torch_backend.SCATTER_INDEX_DTYPE == (torch.int32 if (major, minor) >= (2, 8) else torch.int64)
+    seen, grad_int32 = _table_gradient_with_spy(monkeypatch)
+    assert seen and set(seen) == {torch_backend.SCATTER_INDEX_DTYPE}
+
+    monkeypatch.setattr(torch_backend, "SCATTER_INDEX_DTYPE", torch.int64)  # what torch 2.4-2.7 gets
+    seen, grad_int64 = _table_gradient_with_spy(monkeypatch)
+    assert set(seen) == {torch.int64}
+    assert torch.equal(grad_int32, grad_int64)

@@ -156,6 +156,21 @@ def _unit_indices(idx: Tensor, units_per_entry: int) -> Tensor:
     return (idx[..., None] * units_per_entry + lanes).reshape(-1)
 
 
+def _scatter_accepts_int32() -> bool:
+    """Whether ``scatter_add_`` takes int32 indices: PyTorch 2.8 and later do; 2.4-2.7 raise
+    "Expected dtype int64 for index" (``index_select``, used forward, took int32 much earlier)."""
+    try:
+        torch.zeros(1).scatter_add_(0, torch.zeros(1, dtype=torch.int32), torch.ones(1))
+        return True
+    except RuntimeError:
+        return False
+
+
+SCATTER_INDEX_DTYPE = torch.int32 if _scatter_accepts_int32() else torch.int64
+"""Index dtype handed to ``scatter_add_``: int32 (half the memory traffic) where this torch accepts
+it, else int64, so every torch the package admits (``torch>=2.4``) runs the backward."""
+
+
 _pool: ThreadPoolExecutor | None = None
 _pool_key = (0, 0)  # (process id, workers): a forked child must not reuse its parent's pool
 
@@ -223,7 +238,7 @@ def _scatter_corners(src: Tensor, idx: Tensor, grid: Grid, n_params: int) -> Ten
 
     def scatter(level: int) -> None:
         table = _level_units(grad, grid, level, units_per_entry)
-        table.scatter_add_(0, _unit_indices(idx[level], units_per_entry), src_units[level])
+        table.scatter_add_(0, _unit_indices(idx[level], units_per_entry).to(SCATTER_INDEX_DTYPE), src_units[level])
 
     _for_each_level(n_levels, idx.numel(), src.device, scatter)
     return torch.view_as_real(grad).view(-1) if grad.is_complex() else grad

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from nfsd_nerf.checkpoint import read_checkpoint
 from nfsd_nerf.config import Config, merge
 from nfsd_nerf.train.step import Trainer, sample_views
 
@@ -78,3 +79,48 @@ def test_views_are_drawn_from_the_generator_in_a_fixed_order():
     assert torch.equal(a.rays_o, b.rays_o) and a.shading == b.shading and torch.equal(a.background_rgb, b.background_rgb)
     assert a.rays_o.shape == (2 * 8 * 8, 3) and a.lights.shape == a.rays_o.shape
     assert a.background_rgb.shape == (2 * 8 * 8, 3) and len(a.cameras) == 2
+
+
+class OverflowingScaler:
+    """A prior's gradient scaler whose backward 'overflows' on chosen steps."""
+
+    def __init__(self, overflow_steps):
+        from nfsd_nerf.guidance.loss_scale import GradientScaler
+
+        self.inner, self.overflow_steps, self.step = GradientScaler(init_scale=2.0**16), set(overflow_steps), 0
+        self.scale = self.inner.scale
+
+    @property
+    def found_inf(self):
+        return torch.tensor(self.step in self.overflow_steps)
+
+    def update(self, overflowed):
+        self.inner.update(overflowed)
+        self.scale, self.step = self.inner.scale, self.step + 1
+
+    def state(self):
+        return self.inner.state()
+
+    def load_state(self, meta):
+        self.inner.load_state(meta)
+
+
+class ScaledPrior:
+    def __init__(self, overflow_steps):
+        self.grad_scaler = OverflowingScaler(overflow_steps)
+
+
+def test_encoder_overflows_are_skipped_counted_apart_and_never_stop_training(tmp_path):
+    cfg = merge(merge(Config(prompt="a red cube"), SMALL), {})
+    t = Trainer(cfg, tmp_path, torch.device("cpu"), prior=ScaledPrior(range(1, 26)), distill=StubDistill())
+    t.train_step()  # clean
+    before = [p.detach().clone() for p in t.scene.field.parameters()]
+    results = [t.train_step() for _ in range(25)]  # 25 overflows in a row: more than the stop limit (20)
+    assert all(r.skipped and r.encoder_overflow for r in results)
+    assert t.overflow_total == 25 and t.skipped_total == 0 and t.consecutive_skips == 0
+    assert all(torch.equal(a, b) for a, b in zip(before, t.scene.field.parameters()))
+    assert t.grad_scaler.scale == 1.0  # halved 25 times from 2^16, floored at 1
+    assert not t.train_step().skipped
+    (tmp_path / "checkpoints").mkdir()
+    meta = read_checkpoint(t.save("s.safetensors")).meta
+    assert meta["encoder_overflow_steps"] == "25" and float(meta["loss_scale"]) == 1.0

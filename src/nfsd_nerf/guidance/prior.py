@@ -15,6 +15,7 @@ from torch import Tensor
 
 if TYPE_CHECKING:
     from ..cameras import Cameras
+    from .loss_scale import GradientScaler
 
 
 class DiffusionPrior(ABC):
@@ -29,6 +30,8 @@ class DiffusionPrior(ABC):
     """What was loaded: a hub id, a local folder or "builtin"."""
     revision: str | None
     """Commit hash (or the requested revision when no hash is known); None for local folders."""
+    grad_scaler: "GradientScaler | None" = None
+    """Loss scaling of :meth:`encode`'s backward, for priors that encode in half precision."""
     conditions_on_camera: bool = False
     """True for priors that condition on the camera itself rather than on view prompts (the
     built-in prior): view-prompt techniques such as Perp-Neg do not apply to them."""

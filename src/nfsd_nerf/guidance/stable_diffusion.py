@@ -21,6 +21,7 @@ from torch import Tensor
 
 from ..errors import UserError
 from .hub import first_line, resolve_model_folder
+from .loss_scale import GradientScaler
 from .prior import DiffusionPrior, eps_from_sample_prediction, eps_from_v_prediction
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ class StableDiffusionPrior(DiffusionPrior):
         self._warned_truncation = False
         self._offload_text_encoder = self.device.type == "cuda"
         self._memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
+        self.grad_scaler = GradientScaler() if dtype == torch.float16 else None
 
     @classmethod
     def from_folder(cls, folder: Path, *, model_id: str, revision: str | None, device: torch.device | str = "cpu",
@@ -84,7 +86,14 @@ class StableDiffusionPrior(DiffusionPrior):
         """
         size = (self.image_size, self.image_size)
         x = rgb if tuple(rgb.shape[-2:]) == size else F.interpolate(rgb, size, mode="bilinear", align_corners=False)
-        x = (x * 2.0 - 1.0).to(self.device, self.dtype).contiguous(memory_format=self._memory_format)
+        x = (x * 2.0 - 1.0).to(self.device)
+        if self.grad_scaler is not None and torch.is_grad_enabled() and x.requires_grad:
+            return self.grad_scaler.around(self._encode, x)  # fp16: keep the small gradient representable
+        return self._encode(x)
+
+    def _encode(self, x: Tensor) -> Tensor:
+        """x [B, 3, S, S] in [-1, 1] -> scaled latents float32, through the VAE in the model's dtype."""
+        x = x.to(self.dtype).contiguous(memory_format=self._memory_format)
         z = self.vae.encode(x).latent_dist.mean
         return ((z.float() - self.shift_factor) * self.scaling_factor).contiguous()
 

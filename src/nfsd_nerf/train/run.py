@@ -188,7 +188,15 @@ def _metrics_line(trainer: Trainer, result: StepResult, recent_times: list[float
         "t": result.t, "grad_norm": result.grad_norm, "param_grad_norm": result.param_grad_norm,
         "shading": result.shading, "skipped_steps": trainer.skipped_total,
         "seconds_per_step": sum(recent_times) / len(recent_times),
+        **_loss_scale_fields(trainer),
     }
+
+
+def _loss_scale_fields(trainer: Trainer) -> dict:
+    """Where the prior's encoder runs in half precision: overflow steps and the current loss scale."""
+    if trainer.grad_scaler is None:
+        return {}
+    return {"encoder_overflow_steps": trainer.overflow_total, "loss_scale": trainer.grad_scaler.scale}
 
 
 def _warn_if_slow(trainer: Trainer, step_times: list[float], console) -> None:
@@ -234,6 +242,7 @@ def _finish(trainer: Trainer, step_times: list[float], *, wall_start: float) -> 
         "model": {"id": trainer.prior.model_id, "revision": trainer.prior.revision},
         "versions": package_versions(),
         "eval": evaluation,
+        **_loss_scale_fields(trainer),
     }
     write_summary(run_dir, summary)
     return summary

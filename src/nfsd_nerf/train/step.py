@@ -42,6 +42,8 @@ class StepResult:
     """L2 norm of the gradient on all trained parameters."""
     skipped: bool
     """True when the loss or the gradient was not finite and the update was skipped."""
+    encoder_overflow: bool
+    """True when the prior's loss-scaled encoder gradient overflowed (also ``skipped``; counted apart)."""
     shading: str
     """The shading mode of this step."""
 
@@ -132,6 +134,8 @@ class Trainer:
         self.step = 0
         self.skipped_total = 0
         self.consecutive_skips = 0
+        self.overflow_total = 0
+        self.grad_scaler = getattr(prior, "grad_scaler", None)
 
     # ----- state
 
@@ -152,6 +156,9 @@ class Trainer:
             torch.cuda.set_rng_state(rng["cuda"], self.device)
         self.step = ckpt.step
         self.skipped_total = int(ckpt.meta.get("skipped_steps", 0))
+        self.overflow_total = int(ckpt.meta.get("encoder_overflow_steps", 0))
+        if self.grad_scaler is not None:
+            self.grad_scaler.load_state(ckpt.meta)
 
     def save(self, name: str) -> Path:
         """Write ``checkpoints/<name>`` atomically; returns its path."""
@@ -162,7 +169,7 @@ class Trainer:
             step=self.step,
             optimizer=self.optimizer,
             rng=self.rng_state(),
-            extra_meta={"skipped_steps": str(self.skipped_total)},
+            extra_meta={"skipped_steps": str(self.skipped_total), **self._scaler_meta()},
         )
 
     # ----- one step
@@ -199,8 +206,9 @@ class Trainer:
             loss.backward()
         with stage("optimizer"):
             scalars = self._read_scalars(loss, info["grad_norm"], terms)
-            skipped = not (math.isfinite(scalars["loss"]) and math.isfinite(scalars["param_grad_norm"]))
-            self._apply_update(skipped)
+            overflow = scalars.get("encoder_overflow", 0.0) > 0
+            skipped = overflow or not (math.isfinite(scalars["loss"]) and math.isfinite(scalars["param_grad_norm"]))
+            self._apply_update(skipped, overflow)
 
         # 6. Occupancy refresh
         if occupancy_refresh_due(step, cfg.render):
@@ -216,6 +224,7 @@ class Trainer:
             grad_norm=scalars["grad_norm"],
             param_grad_norm=scalars["param_grad_norm"],
             skipped=skipped,
+            encoder_overflow=overflow,
             shading=views.shading,
         )
 
@@ -227,13 +236,28 @@ class Trainer:
             "grad_norm": guidance_grad_norm.to(loss.device),
             **{f"loss_{name}": value.detach() for name, value in terms.items()},
         }
+        if self.grad_scaler is not None:
+            named["encoder_overflow"] = self.grad_scaler.found_inf.to(loss.device, loss.dtype)
         return dict(zip(named, torch.stack(list(named.values())).tolist()))
 
-    def _apply_update(self, skipped: bool) -> None:
+    def _apply_update(self, skipped: bool, overflow: bool) -> None:
+        """Adam, or a skipped step: an encoder overflow only lowers the loss scale (it never counts
+        towards stopping the run); any other non-finite step counts."""
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
-            self.skipped_total += 1
-            self.consecutive_skips += 1
+            if overflow:
+                self.overflow_total += 1
+            else:
+                self.skipped_total += 1
+                self.consecutive_skips += 1
         else:
             self.optimizer.step()
             self.consecutive_skips = 0
+        if self.grad_scaler is not None:
+            if overflow or not skipped:
+                self.grad_scaler.update(overflow)
+
+    def _scaler_meta(self) -> dict[str, str]:
+        if self.grad_scaler is None:
+            return {}
+        return {"encoder_overflow_steps": str(self.overflow_total), **self.grad_scaler.state()}

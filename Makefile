@@ -1,8 +1,11 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+WHEELHOUSE ?= wheelhouse
+# The GPU box's own Python (with its CUDA torch): the GPU check installs into it, never a torch.
+GPU_PY ?= python3
 
-.PHONY: install test bench clean
+.PHONY: install test bench clean wheelhouse gpu-check
 
 install:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -17,6 +20,16 @@ test:
 
 bench:
 	$(PY) benchmarks/run.py
+
+# What a bare CUDA box lacks (never torch), as CPython 3.12 manylinux wheels: run where an index is reachable.
+wheelhouse:
+	$(PY) benchmarks/wheelhouse.py build $(WHEELHOUSE)
+
+# On the GPU box, offline: figures in GPU_CHECK_OUT (default benchmarks/results/), within about 5 minutes.
+gpu-check:
+	$(GPU_PY) benchmarks/gpu_check.py --check-cuda
+	$(GPU_PY) benchmarks/wheelhouse.py install $(WHEELHOUSE)
+	$(GPU_PY) benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info src/*.egg-info .pytest_cache

@@ -3,7 +3,8 @@ a download, and loading failures that are fast and explained.
 
 Network behaviour is exercised against servers on 127.0.0.1 run by threads in this process: one
 that answers 404, one that accepts connections and never answers, a closed port, and a minimal
-hub that serves the tiny pipeline. Nothing leaves the machine.
+hub that serves the tiny pipeline. Nothing leaves the machine. Which weight files a run takes
+(fp16 variant or plain) is checked on listings, then through that hub.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import torch
 
 from nfsd_nerf.errors import UserError
 from nfsd_nerf.guidance import load_prior
+from nfsd_nerf.guidance.hub import download_files, resolve_model_folder, weight_variants
+from nfsd_nerf.testing import save_fp16_variant
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
@@ -233,14 +236,69 @@ def test_incomplete_cache_offline_says_so(hub_env, tiny_sd_path):
     assert "incomplete (missing text_encoder/config.json" in message and elapsed < 2.0
 
 
+# --------------------------------------------------------------------------- which weight files
+
+
+PLAIN = ["unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+         "text_encoder/model.safetensors"]
+FP16 = ["unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
+        "text_encoder/model.fp16.safetensors"]
+CONFIGS = ["model_index.json", "unet/config.json", "vae/config.json", "text_encoder/config.json",
+           "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json"]
+JUNK = ["unet/diffusion_pytorch_model.bin", "unet/diffusion_pytorch_model.fp16.bin",
+        "unet/diffusion_pytorch_model.non_ema.safetensors", "text_encoder/flax_model.msgpack", "v2-1_512.ckpt",
+        "README.md"]
+
+
+def test_weight_variant_follows_precision_and_device():
+    both = CONFIGS + PLAIN + FP16
+    assert weight_variants(both, True, "cuda") == {"unet": "fp16", "vae": "fp16", "text_encoder": "fp16"}
+    assert weight_variants(both, True, "cuda:1")["unet"] == "fp16"
+    for half, device in [(False, "cuda"), (True, "cpu"), (False, "cpu")]:
+        assert set(weight_variants(both, half, device).values()) == {None}  # fp32 runs read fp32 files
+    # No variant (or only for some components): the plain files, per component.
+    assert set(weight_variants(CONFIGS + PLAIN, True, "cuda").values()) == {None}
+    partial = weight_variants(CONFIGS + PLAIN + FP16[:1], True, "cuda")
+    assert partial == {"unet": "fp16", "vae": None, "text_encoder": None}
+    # Only fp16 files: an fp32 run loads them (upcast) rather than failing.
+    assert set(weight_variants(CONFIGS + FP16, False, "cpu").values()) == {"fp16"}
+
+
+def test_fp16_download_patterns_take_only_fp16_weights():
+    sharded = ["unet/diffusion_pytorch_model.safetensors.index.json",
+               "unet/diffusion_pytorch_model-00001-of-00002.safetensors",
+               "unet/diffusion_pytorch_model-00002-of-00002.safetensors",
+               "unet/diffusion_pytorch_model.safetensors.index.fp16.json",
+               "unet/diffusion_pytorch_model.fp16-00001-of-00002.safetensors",
+               "unet/diffusion_pytorch_model.fp16-00002-of-00002.safetensors"]
+    listing = CONFIGS + PLAIN + FP16 + JUNK + sharded
+    fp16 = download_files(listing, weight_variants(listing, True, "cuda"))
+    weights = [f for f in fp16 if f not in CONFIGS]
+    assert set(CONFIGS) <= set(fp16)
+    assert weights and all(".fp16" in f for f in weights) and set(FP16) <= set(weights)
+    assert {f for f in sharded if "fp16" in f} <= set(weights)
+    plain = download_files(listing, weight_variants(listing, False, "cpu"))
+    assert set(plain) - set(CONFIGS) == set(PLAIN) | {f for f in sharded if "fp16" not in f}
+    # A repository without variants: the plain weights even for an fp16 run.
+    assert download_files(CONFIGS + PLAIN + JUNK, weight_variants(CONFIGS + PLAIN, True, "cuda")) == sorted(
+        CONFIGS + PLAIN)
+
+
+@pytest.fixture(scope="module")
+def tiny_sd_fp16_path(tmp_path_factory, tiny_sd_path):
+    """The tiny pipeline with ``*.fp16.safetensors`` next to its plain weights, as hub repositories ship."""
+    folder = tmp_path_factory.mktemp("tiny-fp16") / "tiny-sd"
+    shutil.copytree(tiny_sd_path, folder)
+    return save_fp16_variant(folder)
+
+
 @pytest.fixture
-def fake_hub(tiny_sd_path):
-    """A minimal hub serving the tiny pipeline (plus files that must not be downloaded) as org/tiny-sd."""
-    files = {p.relative_to(tiny_sd_path).as_posix(): p.read_bytes()
-             for p in tiny_sd_path.rglob("*") if p.is_file() and not p.name.startswith("_")
-             and "_vocab" not in p.parts}
-    files["unet/diffusion_pytorch_model.bin"] = b"pickle, never fetched"
-    files["unet/diffusion_pytorch_model.fp16.safetensors"] = b"variant, never fetched"
+def fake_hub(tiny_sd_fp16_path):
+    """A minimal hub serving the tiny pipeline, its fp16 variant and files never to download, as org/tiny-sd."""
+    source = tiny_sd_fp16_path
+    files = {p.relative_to(source).as_posix(): p.read_bytes()
+             for p in source.rglob("*") if p.is_file() and not p.name.startswith("_") and "_vocab" not in p.parts}
+    files.update({name: b"never fetched" for name in JUNK})
     requests = []
 
     class Handler(_Quiet):
@@ -289,10 +347,22 @@ def test_download_fetches_only_needed_files_then_works_offline(hub_env, monkeypa
     prior = load_prior("org/tiny-sd")
     assert prior.model_id == "org/tiny-sd" and prior.revision == COMMIT
     fetched = {path.rsplit("/main/", 1)[1] for method, path in requests if method == "GET" and "/resolve/" in path}
-    assert "unet/diffusion_pytorch_model.safetensors" in fetched and "text_encoder/model.safetensors" in fetched
-    assert not any(name.endswith(".bin") or ".fp16." in name for name in fetched)
+    assert set(PLAIN) <= fetched and not fetched & set(FP16 + JUNK)
+    assert prior.weight_files == tuple(PLAIN)
     assert (hub_env / "models--org--tiny-sd" / "refs" / "main").read_text() == COMMIT
 
     requests.clear()
     again = load_prior("org/tiny-sd", offline=True)
     assert again.revision == COMMIT and requests == []
+
+
+def test_fp16_run_downloads_only_the_fp16_weights(hub_env, monkeypatch, fake_hub):
+    url, requests = fake_hub
+    monkeypatch.setenv("HF_ENDPOINT", url)
+    resolved = resolve_model_folder("org/tiny-sd", half_precision=True, device="cuda")  # no GPU needed to fetch
+    fetched = {path.rsplit("/main/", 1)[1] for method, path in requests if method == "GET" and "/resolve/" in path}
+    assert fetched - set(CONFIGS) == set(FP16) and resolved.revision == COMMIT
+    # The cached fp16 files then serve an fp32 run too (upcast), without the network.
+    requests.clear()
+    prior = load_prior("org/tiny-sd", device="cpu", offline=True)
+    assert prior.weight_files == tuple(FP16) and prior.dtype == torch.float32 and requests == []

@@ -1,5 +1,6 @@
 """Stable Diffusion prior: the tiny random pipeline loaded as a user's folder, shapes, dtypes and
-schedule, exact v -> epsilon conversion, prompt handling, and distillation through it.
+schedule, which weight files load (fp16 variant or plain), exact v -> epsilon conversion, prompt
+handling, and distillation through it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import torch.nn.functional as F
 from nfsd_nerf.config import GuidanceConfig
 from nfsd_nerf.guidance import load_prior
 from nfsd_nerf.guidance.distill import ScoreDistillation
+from nfsd_nerf.guidance.hub import weight_variants
 from nfsd_nerf.guidance.prior import eps_from_sample_prediction, eps_from_v_prediction
+from nfsd_nerf.guidance.stable_diffusion import _load_components
 
 
 def sd_alphas_cumprod_float64(n: int = 1000) -> torch.Tensor:
@@ -47,6 +50,71 @@ def test_tiny_prior_shapes_dtypes_and_schedule(tiny_prior, tiny_sd_path):
 
     rgb_out = prior.decode(z.detach())
     assert rgb_out.shape == (2, 3, 64, 64) and rgb_out.min() >= 0 and rgb_out.max() <= 1
+
+
+PLAIN = ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
+         "text_encoder/model.safetensors")
+FP16 = ("unet/diffusion_pytorch_model.fp16.safetensors", "vae/diffusion_pytorch_model.fp16.safetensors",
+        "text_encoder/model.fp16.safetensors")
+
+
+@pytest.fixture(scope="module")
+def marked_fp16_folder(tiny_sd_path, tmp_path_factory):
+    """The tiny pipeline plus an fp16 variant whose weights are the plain ones + 1, so a load shows which it read."""
+    folder = tmp_path_factory.mktemp("fp16") / "tiny-sd"
+    shutil.copytree(tiny_sd_path, folder)
+    unet, vae, text_encoder = _load_components(folder, "tiny", torch.float32)[:3]
+    for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        with torch.no_grad():
+            for param in model.parameters():
+                param.add_(1)
+        model.half().save_pretrained(folder / name, variant="fp16")
+    return folder
+
+
+def _first_unet_weight(modules) -> torch.Tensor:
+    return next(modules[0].parameters()).detach()
+
+
+def test_fp16_runs_load_the_fp16_variant(marked_fp16_folder, tiny_sd_path):
+    variants = weight_variants(marked_fp16_folder, True, "cuda")
+    assert set(variants.values()) == {"fp16"}
+    fp16 = _load_components(marked_fp16_folder, "tiny", torch.float16, variants)  # what a CUDA run loads, on the CPU
+    plain = _load_components(tiny_sd_path, "tiny", torch.float32)
+    assert _first_unet_weight(fp16).dtype == torch.float16
+    assert torch.equal(_first_unet_weight(fp16), (_first_unet_weight(plain) + 1).half())  # the variant's weights
+    for fp16_module, plain_module in zip(fp16[:3], plain[:3]):
+        assert all(p.dtype == torch.float16 for p in fp16_module.parameters())
+        assert sum(p.numel() for p in fp16_module.parameters()) == sum(p.numel() for p in plain_module.parameters())
+
+
+def test_fp32_runs_and_folders_without_a_variant_load_the_plain_files(marked_fp16_folder, tiny_sd_path):
+    prior = load_prior(str(marked_fp16_folder), device="cpu")  # fp32 on a CPU although an fp16 variant exists
+    plain = _load_components(tiny_sd_path, "tiny", torch.float32)
+    assert prior.dtype == torch.float32 and prior.weight_files == PLAIN
+    assert torch.equal(next(prior.unet.parameters()), _first_unet_weight(plain))
+    # No variant: an fp16 run casts the plain files.
+    variants = weight_variants(tiny_sd_path, True, "cuda")
+    assert set(variants.values()) == {None}
+    cast = _load_components(tiny_sd_path, "tiny", torch.float16, variants)
+    assert torch.equal(_first_unet_weight(cast), _first_unet_weight(plain).half())
+
+
+def test_summary_records_the_weight_files_and_dtype(tiny_sd_path, tmp_path):
+    from typer.testing import CliRunner
+
+    from nfsd_nerf.cli import app
+
+    out = tmp_path / "outputs"
+    result = CliRunner().invoke(app, [
+        "train", "a hamburger", "--model", str(tiny_sd_path), "--offline", "--config", "configs/cpu-tiny.yaml",
+        "--steps", "1", "--size", "32", "--out", str(out), "--set", "field.n_levels=4",
+        "--set", "field.log2_hashmap_size=12", "--set", "render.n_samples=16",
+    ])
+    assert result.exit_code == 0, result.output
+    (run,) = out.iterdir()
+    model = json.loads((run / "summary.json").read_text())["model"]
+    assert model["dtype"] == "float32" and model["weight_files"] == list(PLAIN)
 
 
 def test_encode_resizes_bilinearly_to_the_vae_resolution(tiny_prior):
@@ -131,6 +199,7 @@ def test_distillation_runs_through_the_tiny_pipeline(tiny_prior):
 def test_cuda_half_precision_and_text_encoder_offload(tiny_sd_path):
     prior = load_prior(str(tiny_sd_path), device="cuda", half_precision=True)
     assert prior.dtype == torch.float16 and next(prior.unet.parameters()).dtype == torch.float16
+    assert prior.weight_files == PLAIN  # no fp16 variant in this folder: the plain files, cast
     assert prior.alphas_cumprod.device.type == "cuda" and prior.alphas_cumprod.dtype == torch.float32
     emb = prior.embed(["a cat", ""])
     assert emb.device.type == "cuda" and emb.dtype == torch.float16
@@ -147,3 +216,13 @@ def test_cuda_half_precision_and_text_encoder_offload(tiny_sd_path):
         fast = prior.predict_noise(z_t.cuda(), t.cuda(), prior.embed(["a", "b"])).cpu()
         reference = cpu_prior.predict_noise(z_t, t, cpu_prior.embed(["a", "b"]))
     assert fast.dtype == torch.float32 and torch.allclose(fast, reference, atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_fp16_run_reads_the_fp16_variant(marked_fp16_folder, tiny_sd_path):
+    prior = load_prior(str(marked_fp16_folder), device="cuda", half_precision=True)
+    assert prior.weight_files == FP16 and prior.dtype == torch.float16
+    plain = _load_components(tiny_sd_path, "tiny", torch.float32)
+    assert torch.equal(next(prior.unet.parameters()).cpu(), (_first_unet_weight(plain) + 1).half())
+    assert load_prior(str(marked_fp16_folder), device="cuda", half_precision=False).weight_files == PLAIN

@@ -3,7 +3,9 @@
 * :func:`build_tiny_sd` saves a tiny pipeline with the real layout (docs/design.md, section 6), ~4.5 MB,
   that loads through the same path as a user's folder.
 * :func:`build_full_size_sd_prior` builds the full SD 2.1-base architecture with random weights
-  directly on a device: the same arithmetic as the real model, for speed and memory benchmarks.
+  directly on a device: the same arithmetic as the real model, for speed and memory benchmarks;
+  :func:`save_full_size_sd` saves it as a folder, to exercise loading (fp16 variant files included).
+* :func:`save_fp16_variant` adds ``*.fp16.safetensors`` to a saved pipeline, as hub repositories ship them.
 """
 
 from __future__ import annotations
@@ -85,29 +87,16 @@ def build_tiny_sd(folder: Path, *, prediction_type: str = "epsilon") -> Path:
         num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
         steps_offset=1, clip_sample=False, prediction_type=prediction_type,
     )
-    for name, part in [("unet", unet), ("vae", vae), ("text_encoder", text_encoder), ("tokenizer", tokenizer),
-                       ("scheduler", scheduler)]:
-        part.save_pretrained(folder / name)
-    index = {
-        "_class_name": "StableDiffusionPipeline",
-        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
-        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
-        "scheduler": ["diffusers", "DDPMScheduler"],
-        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
-    }
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
+    _save_pipeline(folder, {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
+                            "scheduler": scheduler})
     return folder
 
 
-def build_full_size_sd_prior(device: torch.device | str, half_precision: bool = True):
-    """SD 2.1-base's UNet, VAE and text encoder with random weights on ``device`` (fp16 on CUDA)."""
+def _full_size_components() -> dict:
+    """SD 2.1-base's five components with random weights, fp32 on the CPU (~1.3 G parameters)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from .guidance.stable_diffusion import StableDiffusionPrior
-
-    device = torch.device(device)
-    dtype = torch.float16 if (device.type == "cuda" and half_precision) else torch.float32
     unet = UNet2DConditionModel(
         sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280), layers_per_block=2,
         down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -128,13 +117,67 @@ def build_full_size_sd_prior(device: torch.device | str, half_precision: bool = 
     words = re.findall(r"[a-z]+", PAPER_NEGATIVE_PROMPT + " a dslr photo of hamburger front side back overhead view")
     vocab, merges = write_byte_level_clip_vocab(folder, words)
     tokenizer = CLIPTokenizer(str(vocab), str(merges), model_max_length=77)
-    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                              steps_offset=1, clip_sample=False, prediction_type="epsilon")
+    scheduler = DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                              beta_schedule="scaled_linear", steps_offset=1, clip_sample=False,
+                              prediction_type="epsilon")
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def build_full_size_sd_prior(device: torch.device | str, half_precision: bool = True):
+    """SD 2.1-base's UNet, VAE and text encoder with random weights on ``device`` (fp16 on CUDA)."""
+    from .guidance.stable_diffusion import StableDiffusionPrior
+
+    device = torch.device(device)
+    dtype = torch.float16 if (device.type == "cuda" and half_precision) else torch.float32
+    parts = _full_size_components()
+    unet, vae, text_encoder = parts["unet"], parts["vae"], parts["text_encoder"]
     memory_format = torch.channels_last if device.type == "cuda" else torch.contiguous_format
     for module in (unet, vae, text_encoder):
         module.requires_grad_(False).eval()
     unet.to(device, dtype=dtype, memory_format=memory_format)
     vae.to(device, dtype=dtype, memory_format=memory_format)
     text_encoder.to("cpu" if device.type == "cuda" else device, dtype=dtype)
-    return StableDiffusionPrior(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-                                model_id="random-weight SD 2.1-base architecture", revision=None, device=device, dtype=dtype)
+    return StableDiffusionPrior(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=parts["tokenizer"],
+                                scheduler=parts["scheduler"], model_id="random-weight SD 2.1-base architecture",
+                                revision=None, device=device, dtype=dtype)
+
+
+def save_full_size_sd(folder: Path, *, variants: tuple[str | None, ...] = (None, "fp16")) -> Path:
+    """Save the full SD 2.1-base architecture with random weights as a diffusers folder.
+
+    ``variants``: which weight files to write, None for the plain fp32 files (~5.2 GB), ``"fp16"`` for
+    ``*.fp16.safetensors`` (~2.6 GB); a GPU run needs only the latter. Loads as a user's folder does.
+    """
+    torch.manual_seed(0)
+    parts = _full_size_components()
+    _save_pipeline(Path(folder), parts, variants)
+    return Path(folder)
+
+
+def save_fp16_variant(folder: Path) -> Path:
+    """Write ``*.fp16.safetensors`` next to the plain weights of a saved pipeline (as hub repos ship them)."""
+    from .guidance.stable_diffusion import _load_components
+
+    folder = Path(folder)
+    unet, vae, text_encoder = _load_components(folder, str(folder), torch.float32)[:3]
+    for name, model in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder)):
+        model.half().save_pretrained(folder / name, variant="fp16")
+    return folder
+
+
+def _save_pipeline(folder: Path, parts: dict, variants: tuple[str | None, ...] = (None,)) -> None:
+    """Each component's ``save_pretrained`` (weights once per variant) plus ``model_index.json``."""
+    for name in ("tokenizer", "scheduler"):
+        parts[name].save_pretrained(folder / name)
+    for name in ("unet", "vae", "text_encoder"):
+        for variant in sorted(variants, key=lambda v: v is not None):  # fp32 first: .to() casts in place
+            module = parts[name] if variant is None else parts[name].to(torch.float16)
+            module.save_pretrained(folder / name, variant=variant)
+    index = {
+        "_class_name": "StableDiffusionPipeline",
+        "unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
+        "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
+        "scheduler": ["diffusers", "DDPMScheduler"],
+        "safety_checker": [None, None], "feature_extractor": [None, None], "requires_safety_checker": False,
+    }
+    (folder / "model_index.json").write_text(json.dumps(index, indent=2))

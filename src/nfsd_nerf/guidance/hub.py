@@ -12,6 +12,11 @@ Loading (docs/design.md, section 6) never waits on a silent network:
    files (safetensors weights, configs, tokenizer) downloaded into the cache, with per-request
    timeouts.
 
+Which weight files: an fp16 run (CUDA with ``half_precision``) takes each component's fp16 variant
+(``*.fp16.safetensors``, what diffusers' ``variant="fp16"`` loads) where the folder or repository has
+one, else the plain fp32 files; an fp32 run the reverse (:func:`weight_variants`). Only the chosen
+files are downloaded: half the bytes for a GPU run.
+
 Every failure is a one-line :class:`~nfsd_nerf.errors.UserError` naming the model, what was
 tried and what to do. ``HF_HUB_CACHE`` / ``HF_HOME`` / ``HF_ENDPOINT`` / ``HF_HUB_OFFLINE`` are
 read when loading, not when huggingface_hub was imported, so they can be changed in-process.
@@ -21,6 +26,8 @@ huggingface_hub is imported inside functions: importing this module is cheap.
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
 import os
@@ -29,7 +36,7 @@ import threading
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterable
 
 from ..errors import UserError
 
@@ -43,25 +50,31 @@ DEFAULT_HUB_TIMEOUT_S = 5.0
 
 _TRUE = {"1", "on", "yes", "true"}
 
-# Files a Stable Diffusion folder must hold, per component: alternatives within a tuple.
+FP16 = "fp16"
+"""The weight variant of half-precision runs: ``<stem>.fp16.safetensors``."""
+
+WEIGHT_STEMS = {"unet": "diffusion_pytorch_model", "vae": "diffusion_pytorch_model", "text_encoder": "model"}
+"""Components with weights, and the stem of their safetensors files."""
+
+# Files a Stable Diffusion folder must hold besides the weights, per component: alternatives within a tuple.
 _REQUIRED_FILES: dict[str, tuple[tuple[str, ...], ...]] = {
-    "unet": (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")),
-    "vae": (("config.json",), ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json")),
-    "text_encoder": (("config.json",), ("model.safetensors", "model.safetensors.index.json")),
+    "unet": (("config.json",),),
+    "vae": (("config.json",),),
+    "text_encoder": (("config.json",),),
     "tokenizer": (("vocab.json", "tokenizer.json"),),
     "scheduler": (("scheduler_config.json",),),
 }
 
-# Hub files to fetch: configs, tokenizer files and un-suffixed safetensors weights (possibly sharded);
-# no variants (``.fp16.``, ``.non_ema.``), no pickles, no ONNX/Flax.
-_DOWNLOAD_PATTERN = re.compile(
+# Hub files to fetch besides the weights: configs and tokenizer files; no pickles, no ONNX/Flax.
+_CONFIG_PATTERN = re.compile(
     r"^(model_index\.json"
     r"|(unet|vae|text_encoder)/config\.json"
-    r"|(unet|vae)/diffusion_pytorch_model(-\d+-of-\d+)?\.safetensors(\.index\.json)?"
-    r"|text_encoder/model(-\d+-of-\d+)?\.safetensors(\.index\.json)?"
     r"|tokenizer/[^/]+\.(json|txt)"
     r"|scheduler/scheduler_config\.json)$"
 )
+
+Variants = dict[str, "str | None"]
+"""Per weight component, the variant to load: ``"fp16"`` or None for the plain files."""
 
 
 @dataclass
@@ -77,14 +90,20 @@ class ResolvedModel:
 # --------------------------------------------------------------------------- resolving
 
 
-def resolve_model_folder(model: str, *, revision: str | None = None, offline: bool = False) -> ResolvedModel:
-    """A complete local folder for ``model`` (a diffusers folder or a hub id), downloading only if allowed."""
+def resolve_model_folder(model: str, *, revision: str | None = None, offline: bool = False,
+                         half_precision: bool = False, device: Any = "cpu") -> ResolvedModel:
+    """A complete local folder for ``model`` (a diffusers folder or a hub id), downloading only if allowed.
+
+    ``half_precision`` and ``device`` pick the weight files (:func:`weight_variants`) that must be there
+    and that a download fetches.
+    """
+    choose = functools.partial(weight_variants, half_precision=half_precision, device=device)
     # 1. A folder on disk.
     path = Path(model).expanduser()
     if path.is_dir():
         if revision is not None:
             warnings.warn(f"revision {revision!r} is ignored: {model!r} is a local folder", stacklevel=3)
-        missing = missing_files(path)
+        missing = missing_files(path, choose(path))
         if missing:
             raise UserError(f"model folder {model!r} is not a Stable Diffusion diffusers folder: missing "
                             f"{', '.join(missing)}")
@@ -103,7 +122,7 @@ def resolve_model_folder(model: str, *, revision: str | None = None, offline: bo
 
     # 2. The local Hugging Face cache: no network.
     cache_dir = hub_cache_dir()
-    cached, cache_problem = _cached_snapshot(model, revision, cache_dir)
+    cached, cache_problem = _cached_snapshot(model, revision, cache_dir, choose)
     if cached is not None:
         return ResolvedModel(cached, model, cached.name)
 
@@ -113,26 +132,87 @@ def resolve_model_folder(model: str, *, revision: str | None = None, offline: bo
     offline_reason = _offline_reason(offline)
     if offline_reason:
         raise UserError(f"{tried} and offline mode is on ({offline_reason}); {_advice(model)}")
-    return _download(model, revision, cache_dir, tried)
+    return _download(model, revision, cache_dir, tried, choose)
 
 
-def missing_files(folder: Path) -> list[str]:
-    """Required files (``component/name``) absent from a diffusers folder."""
-    return _missing_required(lambda rel: (folder / rel).is_file())
+# --------------------------------------------------------------------------- which files
 
 
-def missing_files_in_listing(files: Sequence[str]) -> list[str]:
-    """Required files absent from a list of repository paths (a hub listing)."""
-    return _missing_required(set(files).__contains__)
+def weight_variants(files: Path | Iterable[str], half_precision: bool, device: Any = "cpu") -> Variants:
+    """Per weight component, the files to load: ``"fp16"`` (``*.fp16.safetensors``) or None (plain fp32).
+
+    ``files`` is a diffusers folder or a repository listing (``component/name`` paths). fp16 runs (a
+    CUDA ``device`` and ``half_precision``) prefer the fp16 variant: half the bytes to download and
+    read, and no cast. fp32 runs prefer the plain files. A component that has only the other kind
+    loads that (cast to the run's dtype); one that has neither gets the preferred kind, reported missing.
+    """
+    present = _presence(files)
+    fp16 = bool(half_precision) and str(device).startswith("cuda")
+    order = (FP16, None) if fp16 else (None, FP16)
+    return {component: next((v for v in order if any(present(f"{component}/{name}")
+                                                     for name in weight_names(component, v))), order[0])
+            for component in WEIGHT_STEMS}
 
 
-def _missing_required(present: Callable[[str], bool]) -> list[str]:
-    return [
-        f"{component}/{alternatives[0]}"
-        for component, groups in _REQUIRED_FILES.items()
-        for alternatives in groups
-        if not any(present(f"{component}/{name}") for name in alternatives)
-    ]
+def weight_names(component: str, variant: str | None) -> tuple[str, str]:
+    """(single file, shard index) of a component's weights in ``variant``, named as diffusers and
+    transformers save them (``model.fp16.safetensors``, ``model.safetensors.index.fp16.json``)."""
+    stem = WEIGHT_STEMS[component]
+    if variant is None:
+        return f"{stem}.safetensors", f"{stem}.safetensors.index.json"
+    return f"{stem}.{variant}.safetensors", f"{stem}.safetensors.index.{variant}.json"
+
+
+def download_files(listing: Iterable[str], variants: Variants) -> list[str]:
+    """The repository files a run needs: configs, tokenizer files, and each component's weights in its
+    chosen variant only (single file, or shard index and shards)."""
+    patterns = [_weight_pattern(component, variant) for component, variant in variants.items()]
+    return sorted(f for f in listing if _CONFIG_PATTERN.match(f) or any(p.match(f) for p in patterns))
+
+
+def weight_files(folder: Path, variants: Variants) -> list[str]:
+    """The weight files (``component/name``) loading ``folder`` with ``variants`` reads, for the summary.
+
+    Mirrors the libraries' precedence: diffusers (UNet, VAE) takes a shard index over a single file,
+    transformers (text encoder) the reverse.
+    """
+    out: list[str] = []
+    for component, variant in variants.items():
+        single, index = weight_names(component, variant)
+        order = (single, index) if component == "text_encoder" else (index, single)
+        name = next((n for n in order if (folder / component / n).is_file()), None)
+        if name == index:
+            shards = json.loads((folder / component / index).read_text()).get("weight_map", {}).values()
+            out += [f"{component}/{shard}" for shard in sorted(set(shards))]
+        elif name is not None:
+            out.append(f"{component}/{name}")
+    return out
+
+
+def missing_files(files: Path | Iterable[str], variants: Variants | None = None) -> list[str]:
+    """Required files (``component/name``) absent from a diffusers folder or a repository listing, the
+    weights in ``variants`` (plain files where None)."""
+    present, variants = _presence(files), variants or {}
+    missing = []
+    for component, groups in _REQUIRED_FILES.items():
+        if component in WEIGHT_STEMS:
+            groups = groups + (weight_names(component, variants.get(component)),)
+        missing += [f"{component}/{alternatives[0]}" for alternatives in groups
+                    if not any(present(f"{component}/{name}") for name in alternatives)]
+    return missing
+
+
+def _presence(files: Path | Iterable[str]) -> Callable[[str], bool]:
+    if isinstance(files, Path):
+        return lambda rel: (files / rel).is_file()
+    return set(files).__contains__
+
+
+def _weight_pattern(component: str, variant: str | None) -> re.Pattern:
+    stem = re.escape(WEIGHT_STEMS[component])
+    tag = "" if variant is None else r"\." + re.escape(variant)
+    index = r"\.safetensors\.index" + tag + r"\.json"
+    return re.compile(rf"^{component}/{stem}({tag}(-\d+-of-\d+)?\.safetensors|{index})$")
 
 
 # --------------------------------------------------------------------------- the environment
@@ -187,7 +267,8 @@ def _advice(model: str) -> str:
 # --------------------------------------------------------------------------- cache and hub
 
 
-def _cached_snapshot(model: str, revision: str | None, cache_dir: Path) -> tuple[Path | None, str]:
+def _cached_snapshot(model: str, revision: str | None, cache_dir: Path,
+                     choose: Callable[[Any], Variants]) -> tuple[Path | None, str]:
     """(complete snapshot folder, "") from the cache, or (None, why not) without touching the network."""
     from huggingface_hub import snapshot_download
 
@@ -195,16 +276,18 @@ def _cached_snapshot(model: str, revision: str | None, cache_dir: Path) -> tuple
         folder = Path(snapshot_download(model, revision=revision, cache_dir=cache_dir, local_files_only=True))
     except (OSError, ValueError):
         return None, "not"
-    missing = missing_files(folder)
+    missing = missing_files(folder, choose(folder))
     if missing:
         return None, f"incomplete (missing {', '.join(missing)})"
     return folder, ""
 
 
-def _download(model: str, revision: str | None, cache_dir: Path, tried: str) -> ResolvedModel:
+def _download(model: str, revision: str | None, cache_dir: Path, tried: str,
+              choose: Callable[[Any], Variants]) -> ResolvedModel:
     """Ask the hub for the file list under a hard deadline, then fetch the needed files into the cache.
 
-    ``tried`` says what the cache lookup found, for the error messages.
+    ``tried`` says what the cache lookup found, for the error messages; ``choose`` picks the weight
+    variants from the listing.
     """
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, OfflineModeIsEnabled,
@@ -235,8 +318,10 @@ def _download(model: str, revision: str | None, cache_dir: Path, tried: str) -> 
     except Exception as exc:  # connection refused, DNS failure, TLS, proxy, a non-hub server ...
         raise UserError(f"{tried} and {endpoint} cannot be reached ({first_line(exc)}); {_advice(model)}") from None
 
-    files = sorted(s.rfilename for s in (info.siblings or []) if _DOWNLOAD_PATTERN.match(s.rfilename))
-    missing = missing_files_in_listing(files)
+    listing = [s.rfilename for s in (info.siblings or [])]
+    variants = choose(listing)
+    files = download_files(listing, variants)
+    missing = missing_files(files, variants)
     if missing:
         raise UserError(f"{where} on {endpoint} is not a Stable Diffusion diffusers repository with safetensors "
                         f"weights (missing {', '.join(missing)}); {_advice(model)}")
@@ -248,7 +333,7 @@ def _download(model: str, revision: str | None, cache_dir: Path, tried: str) -> 
         raise UserError(f"{where}: downloading from {endpoint} failed ({first_line(exc)}); "
                         f"{_advice(model)}") from None
     folder = paths[0].parents[len(Path(files[0]).parts) - 1]  # snapshots/<commit>
-    if missing_files(folder):  # the branch moved during the download: files landed in two snapshots
+    if missing_files(folder, variants):  # the branch moved during the download: files landed in two snapshots
         raise UserError(f"{where} changed on {endpoint} while downloading; run the command again")
     return ResolvedModel(folder, model, folder.name)
 

@@ -3,7 +3,9 @@
 :func:`load_stable_diffusion` finds the model's files with :func:`.hub.resolve_model_folder`
 (a local folder, the Hugging Face cache, then the hub under a hard deadline; never waiting on a
 silent network) and loads its five components from that folder, refusing pipelines this prior
-cannot drive. Every failure is a one-line :class:`~nfsd_nerf.errors.UserError`.
+cannot drive. fp16 runs read the ``*.fp16.safetensors`` variant where there is one
+(:func:`.hub.weight_variants`); the prior records the files it read in ``weight_files``. Every
+failure is a one-line :class:`~nfsd_nerf.errors.UserError`.
 
 diffusers, transformers and huggingface_hub are imported inside functions: importing this module
 is cheap.
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UserError
-from .hub import first_line, resolve_model_folder
+from .hub import Variants, first_line, resolve_model_folder, weight_files, weight_variants
 from .loss_scale import GradientScaler
 from .prior import DiffusionPrior, eps_from_sample_prediction, eps_from_v_prediction
 
@@ -39,6 +41,10 @@ class StableDiffusionPrior(DiffusionPrior):
     text encoder is moved back to CPU memory after each embedding (and returns, once, for each
     batch of new prompts), so it holds no GPU memory during training.
     """
+
+    weight_files: tuple[str, ...] = ()
+    """The weight files loaded (``unet/diffusion_pytorch_model.fp16.safetensors``, ...), for the summary;
+    empty for pipelines built in memory."""
 
     def __init__(self, *, unet, vae, text_encoder, tokenizer, scheduler, model_id: str, revision: str | None,
                  device: torch.device | str, dtype: torch.dtype):
@@ -62,10 +68,12 @@ class StableDiffusionPrior(DiffusionPrior):
     @classmethod
     def from_folder(cls, folder: Path, *, model_id: str, revision: str | None, device: torch.device | str = "cpu",
                     half_precision: bool = True) -> "StableDiffusionPrior":
-        """Load the five components from a diffusers folder (no network); fp16 only on CUDA."""
-        device = torch.device(device)
+        """Load the five components from a diffusers folder (no network); fp16 only on CUDA, from the
+        fp16 weight files where the folder has them."""
+        device, folder = torch.device(device), Path(folder)
         dtype = torch.float16 if (device.type == "cuda" and half_precision) else torch.float32
-        unet, vae, text_encoder, tokenizer, scheduler = _load_components(Path(folder), model_id, dtype)
+        variants = weight_variants(folder, half_precision, device)
+        unet, vae, text_encoder, tokenizer, scheduler = _load_components(folder, model_id, dtype, variants)
         _check_compatible(unet, vae, text_encoder, model_id)
         for module in (unet, vae, text_encoder):
             module.requires_grad_(False).eval()
@@ -74,8 +82,10 @@ class StableDiffusionPrior(DiffusionPrior):
         unet.to(device, memory_format=memory_format)
         vae.to(device, memory_format=memory_format)
         text_encoder.to("cpu" if device.type == "cuda" else device)  # joins the GPU only to embed
-        return cls(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
-                   model_id=model_id, revision=revision, device=device, dtype=dtype)
+        prior = cls(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler,
+                    model_id=model_id, revision=revision, device=device, dtype=dtype)
+        prior.weight_files = tuple(weight_files(folder, variants))
+        return prior
 
     # ---- DiffusionPrior
 
@@ -150,23 +160,28 @@ class StableDiffusionPrior(DiffusionPrior):
             self._embeddings[prompt] = h
 
 
-def _load_components(folder: Path, model_id: str, dtype: torch.dtype):
-    """UNet, VAE, text encoder, tokenizer and scheduler from a complete local folder."""
+def _load_components(folder: Path, model_id: str, dtype: torch.dtype, variants: Variants | None = None):
+    """UNet, VAE, text encoder, tokenizer and scheduler from a complete local folder; ``variants`` names
+    each component's weight files (None: the plain ones)."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from diffusers.utils import is_accelerate_available
     from transformers import CLIPTextModel, CLIPTokenizer
     from transformers.utils import logging as transformers_logging
 
-    low_mem = is_accelerate_available()  # without accelerate diffusers warns and falls back anyway
+    # accelerate is optional: loading the full-size folder peaks at the same RSS with and without it
+    # (README, "Which model"); asking for low_cpu_mem_usage without it only makes diffusers warn.
+    low_mem = is_accelerate_available()
+    variant = (variants or {}).get
     loaders: dict[str, Callable[[], Any]] = {
         "unet": lambda: UNet2DConditionModel.from_pretrained(
             folder, subfolder="unet", torch_dtype=dtype, use_safetensors=True, local_files_only=True,
-            low_cpu_mem_usage=low_mem),
+            variant=variant("unet"), low_cpu_mem_usage=low_mem),
         "vae": lambda: AutoencoderKL.from_pretrained(
             folder, subfolder="vae", torch_dtype=dtype, use_safetensors=True, local_files_only=True,
-            low_cpu_mem_usage=low_mem),
+            variant=variant("vae"), low_cpu_mem_usage=low_mem),
         "text_encoder": lambda: CLIPTextModel.from_pretrained(
-            folder, subfolder="text_encoder", dtype=dtype, use_safetensors=True, local_files_only=True),
+            folder, subfolder="text_encoder", dtype=dtype, use_safetensors=True, local_files_only=True,
+            variant=variant("text_encoder")),
         "tokenizer": lambda: CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer", local_files_only=True),
         # DDPMScheduler reads any DDPM-family config (PNDM, DDIM, ...): only the training schedule is used.
         "scheduler": lambda: DDPMScheduler.from_pretrained(folder, subfolder="scheduler", local_files_only=True),
@@ -206,6 +221,7 @@ def _check_compatible(unet, vae, text_encoder, model_id: str) -> None:
 def load_stable_diffusion(model: str, *, revision: str | None = None, device: torch.device | str = "cpu",
                           half_precision: bool = True, offline: bool = False) -> StableDiffusionPrior:
     """Find ``model`` (folder, cache, then hub; see :mod:`.hub`) and load it on ``device``."""
-    resolved = resolve_model_folder(model, revision=revision, offline=offline)
+    resolved = resolve_model_folder(model, revision=revision, offline=offline, half_precision=half_precision,
+                                    device=device)
     return StableDiffusionPrior.from_folder(resolved.folder, model_id=resolved.model_id, revision=resolved.revision,
                                             device=device, half_precision=half_precision)

@@ -4,13 +4,18 @@ import math
 
 import torch
 
+import pytest
+
 from nfsd_nerf.cameras import (
     generate_rays,
     look_at,
     orbit_cameras,
     position_from_spherical,
+    position_jitter,
+    sample_cameras_from_config,
     sample_training_cameras,
 )
+from nfsd_nerf.config import CameraConfig
 
 
 def test_spherical_positions_follow_the_convention():
@@ -87,3 +92,31 @@ def test_orbit_goes_counter_clockwise_from_the_front():
     torch.testing.assert_close(cams.azimuth, torch.tensor([0.0, 90.0, -180.0, -90.0]))
     pos = cams.positions
     assert pos[1, 1] > 1.9 and pos[3, 1] < -1.9  # second frame on +Y, fourth on -Y
+
+
+def test_position_jitter_is_uniform_in_plus_minus_p_or_normal():
+    """Uniform in [-p, p]: variance p^2 / 3 (0.01 / 3 at p = 0.1); normal: variance p^2."""
+    uniform = position_jitter(200_000, 0.1, "uniform", torch.Generator().manual_seed(0))
+    assert uniform.shape == (200_000, 3)
+    assert uniform.abs().max() <= 0.1 and uniform.abs().max() > 0.0999
+    torch.testing.assert_close(uniform.var(0), torch.full((3,), 0.01 / 3), rtol=0.02, atol=0)
+    normal = position_jitter(200_000, 0.1, "normal", torch.Generator().manual_seed(0))
+    torch.testing.assert_close(normal.var(0), torch.full((3,), 0.01), rtol=0.02, atol=0)
+    assert normal.abs().max() > 0.3  # tails beyond 3 p: no bound
+    with pytest.raises(ValueError, match="uniform"):
+        position_jitter(1, 0.1, "laplace", None)
+
+
+def test_config_cameras_jitter_the_eye_uniformly_and_reach_overhead_views():
+    """threestudio's: elevation in [-10, 90] (overhead prompt above 60), eye jitter in [-0.1, 0.1]."""
+    cfg = CameraConfig(position_perturb_distribution="uniform", center_perturb=0.0, up_perturb=0.0)
+    assert (cfg.elevation_range, cfg.position_perturb) == ((-10.0, 90.0), 0.1)
+    cams = sample_cameras_from_config(4096, cfg, generator=torch.Generator().manual_seed(0))
+    assert cams.elevation.min() >= -10 - 1e-4 and cams.elevation.max() <= 90 + 1e-4
+    assert (cams.elevation > 60).float().mean() > 0.1
+    offset = cams.positions - position_from_spherical(cams.azimuth, cams.elevation, cams.distance)
+    assert offset.abs().max() <= 0.1 + 1e-5 and offset.abs().max() > 0.099
+    normal = sample_cameras_from_config(4096, CameraConfig(center_perturb=0.0, up_perturb=0.0),  # 0.1.0's normal
+                                        generator=torch.Generator().manual_seed(0))
+    offset = normal.positions - position_from_spherical(normal.azimuth, normal.elevation, normal.distance)
+    assert offset.abs().max() > 0.2

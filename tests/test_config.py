@@ -19,6 +19,42 @@ def test_defaults_are_the_published_ones():
     assert cfg.guidance.method == "nfsd" and cfg.guidance.scale is None
 
 
+def test_default_preset_is_threestudios_dreamfusion_sd():
+    """Each default README and docs/design.md section 1.4 call threestudio's (its dreamfusion-sd.yaml)."""
+    from nfsd_nerf.train.schedules import active_levels
+
+    cfg = load_config(preset_path("default"))
+    assert cfg.render.ambient_only_steps == 2001  # albedo only for steps 0..2000
+    assert [active_levels(s, cfg.train, cfg.field.n_levels) for s in (0, 2000, 2499, 2500, 5999, 6000)] == [
+        8, 8, 8, 9, 15, 16]  # min(8 + max(step - 2000, 0) // 500, 16)
+    assert cfg.cameras.elevation_range == (-10.0, 90.0)
+    assert cfg.cameras.elevation_range[1] > cfg.prompts.overhead_min_elevation  # the overhead prompt can fire
+    assert (cfg.cameras.position_perturb, cfg.cameras.position_perturb_distribution) == (0.1, "uniform")
+    assert (cfg.cameras.center_perturb, cfg.cameras.up_perturb) == (0.2, 0.02)  # normal, as threestudio's
+    assert cfg.render.alpha_threshold == 0.01
+    assert cfg.field.normal_method == "auto"  # analytic on CUDA, as threestudio's
+    assert cfg.field.heads == "separate"
+    loss = cfg.loss
+    assert (loss.orientation_start, loss.orientation_end, loss.orientation_ramp_steps) == (10.0, 1000.0, 5000)
+
+
+def test_builtin_preset_keeps_the_values_its_figures_were_measured_with():
+    cfg = load_config(preset_path("builtin"))
+    assert cfg.render.alpha_threshold == 0.0 and cfg.cameras.elevation_range == (-10.0, 45.0)
+    assert cfg.cameras.position_perturb_distribution == "normal"
+    assert (cfg.field.normal_method, cfg.field.heads) == ("finite_difference", "shared")
+    assert cfg.train.start_levels is None and cfg.render.ambient_only_steps == 1000000
+    assert load_config(preset_path("cpu-tiny")).render.alpha_threshold == 0.0
+
+
+def test_a_config_without_the_keys_added_after_0_1_0_means_what_it_meant():
+    """0.1.0's config.yaml (in every run folder and checkpoint) lacks these keys: it had a shared MLP,
+    no alpha threshold and normal position jitter."""
+    cfg = from_dict({"field": {"n_levels": 8}})
+    assert cfg.field.heads == "shared" and cfg.render.alpha_threshold == 0.0
+    assert cfg.cameras.position_perturb_distribution == "normal"
+
+
 def test_overrides_are_parsed_as_yaml_and_nested():
     assert parse_override("render.size=32") == {"render": {"size": 32}}
     assert parse_override("guidance.negative_prompt=ugly, blurry") == {"guidance": {"negative_prompt": "ugly, blurry"}}
@@ -34,6 +70,9 @@ def test_overrides_are_parsed_as_yaml_and_nested():
         ("render.size=big", "render.size"),
         ("render.size=3.5", "render.size"),
         ("train.device=tpu", "train.device"),
+        ("field.heads=both", "field.heads"),
+        ("field.normal_method=sobel", "field.normal_method"),
+        ("cameras.position_perturb_distribution=laplace", "cameras.position_perturb_distribution"),
         ("cameras.fovy_range=[1, 2, 3]", "cameras.fovy_range"),
         ("guidance.offline=maybe", "guidance.offline"),
         ("render=3", "render"),
@@ -79,6 +118,9 @@ def test_merge_keeps_untouched_defaults():
         ("loss.sparsity=-1", "loss.sparsity must be zero or positive"),
         ("train.start_levels=40", "train.start_levels"),
         ("cameras.distance_range=[2, 1]", "cameras.distance_range"),
+        ("cameras.elevation_range=[-10, 100]", "cameras.elevation_range must lie in [-90, 90]"),
+        ("cameras.position_perturb=-0.1", "cameras.position_perturb must be zero or positive"),
+        ("render.alpha_threshold=1.5", "render.alpha_threshold must be in [0, 1]"),
     ],
 )
 def test_check_config_names_the_key(override, message):

@@ -16,6 +16,7 @@ from nfsd_nerf.field import (
     NeRFField,
     blob_bias_from_points,
     frequency_encoding,
+    resolve_normal_method,
     trunc_exp,
 )
 
@@ -75,6 +76,63 @@ def test_bad_choices_are_refused():
         _field(density_activation="relu")
     with pytest.raises(ValueError, match="normal_method"):
         _field(normal_method="sobel")
+    with pytest.raises(ValueError, match="heads"):
+        _field(heads="three")
+
+
+# --------------------------------------------------------------------------- heads
+
+
+def test_separate_heads_are_two_mlps_drawn_density_first():
+    field = _field(heads="separate")
+    assert set(field.state_dict()) == {"encoding.params", "density_mlp.0.weight", "density_mlp.2.weight",
+                                       "albedo_mlp.0.weight", "albedo_mlp.2.weight"}
+    assert field.density_mlp[0].weight.shape == (16, 8) and field.density_mlp[2].weight.shape == (1, 16)
+    assert field.albedo_mlp[0].weight.shape == (16, 8) and field.albedo_mlp[2].weight.shape == (3, 16)
+    torch.manual_seed(0)
+    HashGridEncoding.from_config(SMALL)
+    first = torch.nn.Linear(8, 16, bias=False)  # the next draw after the hash table
+    assert torch.equal(field.density_mlp[0].weight, first.weight)
+    assert FieldConfig().heads == "shared"  # what a 0.1.0 config (no such key) gets: its checkpoints load
+
+
+def test_separate_heads_with_a_shared_heads_weights_compute_the_shared_field():
+    """Independent check of the wiring: a shared head [W1; W2] is two heads (W1, W2[:1]) and (W1, W2[1:])."""
+    shared = _roughen(_field(heads="shared", blob_density=5.0, blob_radius=0.8), 0.3)
+    separate = _field(heads="separate", blob_density=5.0, blob_radius=0.8)
+    w1, w2 = shared.mlp[0].weight, shared.mlp[2].weight
+    with torch.no_grad():
+        separate.encoding.params.copy_(shared.encoding.params)
+        separate.density_mlp[0].weight.copy_(w1)
+        separate.density_mlp[2].weight.copy_(w2[:1])
+        separate.albedo_mlp[0].weight.copy_(w1)
+        separate.albedo_mlp[2].weight.copy_(w2[1:])
+    x = _sphere_points(100, 0.6)
+    sigma_a, albedo_a = shared(x)
+    sigma_b, albedo_b = separate(x)
+    torch.testing.assert_close(sigma_b, sigma_a)
+    torch.testing.assert_close(albedo_b, albedo_a)
+
+
+def test_density_alone_skips_the_albedo_head():
+    field = _roughen(_field(heads="separate"), 0.1)
+    with torch.no_grad():
+        field.albedo_mlp[2].weight.fill_(float("nan"))
+    x = _sphere_points(10, 0.4)
+    assert torch.isfinite(field.density(x)).all()
+    assert torch.isnan(field(x)[1]).all()
+    trained = _roughen(_field(heads="separate"), 0.1)
+    sigma, albedo = trained(x)
+    (sigma.sum() + albedo.sum()).backward()
+    assert all(p.grad.abs().sum() > 0 for p in trained.parameters())
+
+
+def test_initial_separate_field_is_the_blob_with_grey_albedo():
+    field = _field(heads="separate", bound=2.0)
+    x = torch.tensor([[0.0, 0.0, 0.0], [0.25, 0.0, 0.0]])
+    sigma, albedo = field(x)
+    torch.testing.assert_close(sigma, F.softplus(torch.tensor([10.0, 5.0])), rtol=1e-3, atol=1e-6)
+    torch.testing.assert_close(albedo, torch.full_like(albedo, 0.5), atol=1e-3, rtol=0)
 
 
 # --------------------------------------------------------------------------- density
@@ -182,6 +240,19 @@ def test_a_loss_on_normals_trains_the_field(method):
     assert n.requires_grad
     (n[:, 0].sum()).backward()
     assert field.encoding.params.grad.abs().sum() > 0
+
+
+def test_auto_normals_are_analytic_on_cuda_and_finite_differences_elsewhere():
+    assert resolve_normal_method("auto", torch.device("cuda", 0)) == "analytic"
+    assert resolve_normal_method("auto", torch.device("cpu")) == "finite_difference"
+    assert resolve_normal_method("analytic", torch.device("cpu")) == "analytic"
+    assert resolve_normal_method("finite_difference", torch.device("cuda")) == "finite_difference"
+    auto = _roughen(_field(normal_method="auto"), 0.2)
+    fd = _field(normal_method="finite_difference")
+    fd.load_state_dict(auto.state_dict())
+    x = _sphere_points(16, 0.3)
+    assert torch.equal(auto.normals(x), fd.normals(x))
+    assert FieldConfig().normal_method == "auto"
 
 
 def test_analytic_normals_under_no_grad_are_detached():

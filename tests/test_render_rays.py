@@ -117,6 +117,48 @@ def test_early_termination_keeps_result_and_saves_normal_evaluations():
         assert torch.allclose(getattr(early, key), getattr(full, key), atol=1e-3), key
 
 
+class _ShellField(BallField):
+    """Density ``sigma`` inside radius 0.5 plus a faint shell ``shell`` out to 0.8 (0 beyond)."""
+
+    def __init__(self, shell: float):
+        super().__init__(sigma=3.0, radius=0.5)
+        self.shell = shell
+
+    def density(self, x):
+        r = x.norm(dim=-1)
+        return torch.where(r < 0.5, 3.0, torch.where(r < 0.8, self.shell, 0.0))
+
+
+def test_alpha_threshold_drops_faint_samples_as_if_their_density_were_zero():
+    """Step 2 sqrt(3) / 256 = 0.0135: the shell's alpha 1 - exp(-0.004 * 0.0135) = 5e-5 < 0.01 goes, the
+    core's 1 - exp(-3 * 0.0135) = 0.040 stays; with the early stop off, a dropped sample changes
+    nothing but itself, so the render equals that of the core alone."""
+    o, d = random_rays(200, torch.Generator().manual_seed(8))
+    grid = OccupancyGrid(1.0, 8, alpha_threshold=0.01)
+    grid.occs.fill_(0.5)  # mean 0.5: the threshold stays 0.01
+    kw = dict(n_samples=256, shading="lambertian", light_positions=o * 1.2, need_normals=True, early_stop_eps=0.0)
+    faint = render_rays(_ShellField(0.004), SolidBackground(), o, d, occupancy=grid, **kw)
+    core = render_rays(_ShellField(0.0), SolidBackground(), o, d, occupancy=grid, alpha_threshold=0.0, **kw)
+    kept = render_rays(_ShellField(0.004), SolidBackground(), o, d, occupancy=grid, alpha_threshold=0.0, **kw)
+    for key in ("rgb", "opacity", "depth", "orientation"):
+        torch.testing.assert_close(getattr(faint, key), getattr(core, key), msg=key)
+    assert not torch.allclose(kept.opacity, core.opacity)  # without the threshold the shell shows
+    assert faint.n_field_samples < kept.n_field_samples  # its normals were never computed
+    grid.occs.zero_()  # mean occupancy 0 caps the threshold at 0: nothing dropped
+    torch.testing.assert_close(render_rays(_ShellField(0.004), SolidBackground(), o, d, occupancy=grid, **kw).opacity,
+                               kept.opacity)
+
+
+def test_auto_normals_count_six_density_evaluations_on_the_cpu():
+    field = BallField(sigma=3.0, radius=0.5)
+    o, d = random_rays(50, torch.Generator().manual_seed(9))
+    kw = dict(occupancy=None, n_samples=64, shading="lambertian", light_positions=o * 1.2, early_stop_eps=0.0)
+    analytic = render_rays(field, SolidBackground(), o, d, **kw)  # 1 density + 1 normal per sample
+    field.normal_method = "auto"
+    auto = render_rays(field, SolidBackground(), o, d, **kw)  # 1 density + 6 for finite differences
+    assert analytic.n_field_samples % 2 == 0 and auto.n_field_samples == 7 * analytic.n_field_samples // 2
+
+
 def test_no_grad_render_skips_invisible_normals_within_tolerance():
     field = BallField(sigma=8.0, radius=0.7, smooth=True)
     o, d = random_rays(200, torch.Generator().manual_seed(6))

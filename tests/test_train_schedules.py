@@ -9,10 +9,13 @@ from nfsd_nerf.train.schedules import (
 )
 
 
-def test_coarse_to_fine_levels_follow_the_published_schedule():
+def test_coarse_to_fine_levels_follow_threestudios_schedule():
+    """threestudio: min(8 + max(step - 2000, 0) // 500, 16), by hand at the boundaries."""
     cfg = merge(Config(), {"train": {"start_levels": 8}})
-    assert [active_levels(s, cfg.train, 16) for s in (0, 1999, 2000, 2499, 2500, 5499, 5500, 9999)] == [
-        8, 8, 9, 9, 10, 15, 16, 16]
+    steps = (0, 1999, 2000, 2499, 2500, 2999, 3000, 5499, 5500, 5999, 6000, 9999)
+    assert [active_levels(s, cfg.train, 16) for s in steps] == [8, 8, 8, 8, 9, 9, 10, 14, 15, 15, 16, 16]
+    other = TrainConfig(start_levels=2, level_growth_start=10, level_growth_every=3)
+    assert [active_levels(s, other, 5) for s in (0, 10, 12, 13, 15, 16, 19, 100)] == [2, 2, 2, 3, 3, 4, 5, 5]
     assert active_levels(0, TrainConfig(), 16) == 16
     assert active_levels(10**6, TrainConfig(start_levels=2), 5) == 5  # never more than the grid has
 

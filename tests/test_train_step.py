@@ -64,7 +64,7 @@ def test_a_non_finite_step_changes_no_parameter(tmp_path):
 
 
 def test_occupancy_refreshes_on_schedule_and_levels_grow(tmp_path):
-    t = trainer(tmp_path, train={"start_levels": 1, "level_growth_start": 1, "level_growth_every": 1})
+    t = trainer(tmp_path, train={"start_levels": 1, "level_growth_start": 0, "level_growth_every": 1})
     occs = t.scene.occupancy.occs.clone()
     t.train_step()  # step 0: not due (every 2)
     assert torch.equal(t.scene.occupancy.occs, occs) and t.scene.field.encoding.active_levels == 1

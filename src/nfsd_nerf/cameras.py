@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 import torch
 from torch import Tensor
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .config import CameraConfig
 
 WORLD_UP = (0.0, 0.0, 1.0)
+PerturbDistribution = Literal["uniform", "normal"]
 
 
 @dataclass
@@ -89,6 +90,20 @@ def _uniform(n: int, low: float, high: float, generator: torch.Generator | None)
     return torch.rand(n, generator=generator) * (high - low) + low
 
 
+def position_jitter(
+    n: int, scale: float, distribution: PerturbDistribution, generator: torch.Generator | None
+) -> Tensor:
+    """[n, 3] camera-position jitter: uniform in [-scale, scale] per axis (threestudio's) or N(0, scale^2).
+
+    ``generator``: the run's CPU generator (global RNG if None).
+    """
+    if distribution == "uniform":
+        return (torch.rand(n, 3, generator=generator) * 2.0 - 1.0) * scale
+    if distribution == "normal":
+        return torch.randn(n, 3, generator=generator) * scale
+    raise ValueError(f"position jitter distribution must be 'uniform' or 'normal', got {distribution!r}")
+
+
 def sample_training_cameras(
     batch_size: int,
     *,
@@ -98,6 +113,7 @@ def sample_training_cameras(
     elevation_range_deg: tuple[float, float] = (-10.0, 45.0),
     azimuth_range_deg: tuple[float, float] = (-180.0, 180.0),
     position_perturb: float = 0.1,
+    position_perturb_distribution: PerturbDistribution = "normal",
     center_perturb: float = 0.2,
     up_perturb: float = 0.02,
     light_distance_range: tuple[float, float] = (0.8, 1.5),
@@ -107,8 +123,12 @@ def sample_training_cameras(
     """Draw B cameras from the DreamFusion distribution (docs/design.md, section 1.3).
 
     Elevation is, per camera with probability 1/2 each, uniform in angle or uniform on the sphere
-    (uniform in sin(elevation)); azimuth is stratified across the batch. All randomness comes from
+    (uniform in sin(elevation)); azimuth is stratified across the batch. The eye is jittered by
+    :func:`position_jitter`, the target and up vector by normals. All randomness comes from
     ``generator`` on the CPU so a run is reproducible bit for bit and resumable.
+
+    Runs pass their ``cameras`` config (:func:`sample_cameras_from_config`); the keyword defaults
+    are the distribution the built-in prior's reference cameras were drawn from, so they stay fixed.
     """
     b = batch_size
     el_lo, el_hi = elevation_range_deg
@@ -123,7 +143,7 @@ def sample_training_cameras(
     fovy = torch.deg2rad(_uniform(b, *fovy_range_deg, generator))
 
     eye = position_from_spherical(azimuth, elevation, distance)
-    eye = eye + torch.randn(b, 3, generator=generator) * position_perturb
+    eye = eye + position_jitter(b, position_perturb, position_perturb_distribution, generator)
     target = torch.randn(b, 3, generator=generator) * center_perturb
     up = torch.tensor(WORLD_UP).expand(b, 3) + torch.randn(b, 3, generator=generator) * up_perturb
 
@@ -145,6 +165,7 @@ def sample_cameras_from_config(
         fovy_range_deg=cfg.fovy_range,
         elevation_range_deg=cfg.elevation_range,
         position_perturb=cfg.position_perturb,
+        position_perturb_distribution=cfg.position_perturb_distribution,
         center_perturb=cfg.center_perturb,
         up_perturb=cfg.up_perturb,
         light_distance_range=cfg.light_distance_range,

@@ -22,7 +22,8 @@ if TYPE_CHECKING:
     from .config import BackgroundConfig, FieldConfig
 
 DensityActivation = Literal["softplus", "trunc_exp"]
-NormalMethod = Literal["analytic", "finite_difference"]
+NormalMethod = Literal["auto", "analytic", "finite_difference"]
+Heads = Literal["shared", "separate"]
 
 NORMAL_EPS_PER_BOUND = 5e-3
 """Finite-difference step for normals, as a fraction of ``bound`` (0.01 at bound 2, as threestudio).
@@ -73,6 +74,15 @@ def frequency_encoding(x: Tensor, n_frequencies: int) -> Tensor:
     return torch.cat([x, torch.sin(angles), torch.cos(angles)], dim=-1)
 
 
+def resolve_normal_method(method: NormalMethod, device: torch.device) -> Literal["analytic", "finite_difference"]:
+    """The normal method that runs for inputs on ``device``: ``auto`` is analytic on CUDA (both hash
+    grid backends give the double backward) and finite differences elsewhere (5-6% faster per
+    training render at the CPU presets' size, README "Configuration")."""
+    if method == "auto":
+        return "analytic" if device.type == "cuda" else "finite_difference"
+    return method
+
+
 def _mlp(n_in: int, hidden: int, n_hidden_layers: int, n_out: int, bias: bool) -> nn.Sequential:
     """Linear-ReLU stack with ``n_hidden_layers`` hidden layers (0: a single linear map)."""
     layers: list[nn.Module] = []
@@ -90,16 +100,22 @@ def _mlp(n_in: int, hidden: int, n_hidden_layers: int, n_out: int, bias: bool) -
 class NeRFField(nn.Module):
     """Density and albedo over the scene box [-bound, bound]^3; zero density outside it.
 
-    State dict: ``encoding.params`` (the hash table, tcnn layout) and ``mlp.<i>.weight``.
-    Built from a :class:`~nfsd_nerf.config.FieldConfig`, the one place its settings default.
+    State dict: ``encoding.params`` (the hash table, tcnn layout), then ``mlp.<i>.weight`` (``heads:
+    shared``: one MLP, outputs raw density and 3 albedo logits) or ``density_mlp.<i>.weight`` and
+    ``albedo_mlp.<i>.weight`` (``separate``: threestudio's two MLPs on the same features; density
+    alone then skips the albedo MLP). Built from a :class:`~nfsd_nerf.config.FieldConfig`, the one
+    place its settings default.
     """
 
     def __init__(self, cfg: FieldConfig):
         super().__init__()
         if cfg.density_activation not in ("softplus", "trunc_exp"):
             raise ValueError(f"density_activation must be 'softplus' or 'trunc_exp', got {cfg.density_activation!r}")
-        if cfg.normal_method not in ("analytic", "finite_difference"):
-            raise ValueError(f"normal_method must be 'analytic' or 'finite_difference', got {cfg.normal_method!r}")
+        if cfg.normal_method not in ("auto", "analytic", "finite_difference"):
+            raise ValueError(
+                f"normal_method must be 'auto', 'analytic' or 'finite_difference', got {cfg.normal_method!r}")
+        if cfg.heads not in ("shared", "separate"):
+            raise ValueError(f"heads must be 'shared' or 'separate', got {cfg.heads!r}")
         if cfg.bound <= 0 or cfg.blob_radius <= 0:
             raise ValueError(f"bound and blob_radius must be positive, got {cfg.bound} and {cfg.blob_radius}")
         self.bound = float(cfg.bound)
@@ -108,24 +124,36 @@ class NeRFField(nn.Module):
         self.blob_radius = float(cfg.blob_radius)
         self.normal_method: NormalMethod = cfg.normal_method
         self.normal_eps = NORMAL_EPS_PER_BOUND * self.bound
+        self.heads: Heads = cfg.heads
         self.encoding = HashGridEncoding.from_config(cfg)  # initialised before the MLP: seeded runs depend on it
-        self.mlp = _mlp(self.encoding.n_output_dims, cfg.hidden_dim, cfg.n_hidden_layers, 4, bias=False)
+        n_in = self.encoding.n_output_dims
+        if self.heads == "shared":
+            self.mlp = _mlp(n_in, cfg.hidden_dim, cfg.n_hidden_layers, 4, bias=False)
+        else:  # density first: seeded runs depend on the order
+            self.density_mlp = _mlp(n_in, cfg.hidden_dim, cfg.n_hidden_layers, 1, bias=False)
+            self.albedo_mlp = _mlp(n_in, cfg.hidden_dim, cfg.n_hidden_layers, 3, bias=False)
 
     def _activate(self, raw: Tensor) -> Tensor:
         return F.softplus(raw) if self.density_activation == "softplus" else trunc_exp(raw)
 
-    def _raw(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [N, 3] world -> (sigma [N], albedo logits [N, 3])."""
+    def _raw(self, x: Tensor, with_albedo: bool = True) -> tuple[Tensor, Tensor | None]:
+        """x [N, 3] world -> (sigma [N], albedo logits [N, 3], or None when not asked for and the
+        heads are separate)."""
         inside = (x.abs() <= self.bound).all(dim=-1)
-        features = self.encoding(unit_cube_from_world(x, self.bound).clamp(0.0, 1.0))
-        out = self.mlp(features.float())  # [N, 4]
-        raw_density = out[:, 0] + blob_bias_from_points(x, self.blob_density, self.blob_radius)
+        features = self.encoding(unit_cube_from_world(x, self.bound).clamp(0.0, 1.0)).float()
+        if self.heads == "shared":
+            out = self.mlp(features)  # [N, 4]
+            raw, logits = out[:, 0], out[:, 1:]
+        else:
+            raw = self.density_mlp(features)[:, 0]
+            logits = self.albedo_mlp(features) if with_albedo else None
+        raw_density = raw + blob_bias_from_points(x, self.blob_density, self.blob_radius)
         sigma = torch.where(inside, self._activate(raw_density), torch.zeros_like(raw_density))
-        return sigma, out[:, 1:]
+        return sigma, logits
 
     def density(self, x: Tensor) -> Tensor:
         """x [N, 3] world -> sigma [N] (blob bias included, 0 outside the box)."""
-        return self._raw(x)[0]
+        return self._raw(x, with_albedo=False)[0]
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """x [N, 3] world -> (sigma [N], albedo [N, 3] in [0, 1])."""
@@ -138,9 +166,10 @@ class NeRFField(nn.Module):
         ``finite_difference``: central differences with step ``normal_eps`` (6 density evaluations
         per point), differentiable w.r.t. the field by plain backprop. ``analytic``: autograd through
         the encoding; when grad is enabled the graph is kept (``create_graph``) so a loss on the
-        normals trains the field (double backward through the hash grid).
+        normals trains the field (double backward through the hash grid). ``auto``: by x's device
+        (:func:`resolve_normal_method`).
         """
-        if self.normal_method == "finite_difference":
+        if resolve_normal_method(self.normal_method, x.device) == "finite_difference":
             grad = self._density_gradient_fd(x)
         else:
             grad = self._density_gradient_autograd(x)

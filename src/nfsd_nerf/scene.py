@@ -38,5 +38,6 @@ def build_scene(cfg: Config, device: torch.device | str = "cpu") -> Scene:
         resolution=cfg.render.occupancy_resolution,
         threshold=cfg.render.occupancy_threshold,
         ema_decay=cfg.render.occupancy_ema_decay,
+        alpha_threshold=cfg.render.alpha_threshold,
     ).to(device)
     return Scene(field, background, occupancy)

@@ -69,14 +69,16 @@ def check_config(cfg: Config) -> None:
         "render.ambient_only_steps": r.ambient_only_steps, "render.albedo_prob": r.albedo_prob,
         "render.lambertian_prob": r.lambertian_prob, "render.textureless_prob": r.textureless_prob,
         "loss.sparsity": loss.sparsity, "loss.orientation_start": loss.orientation_start,
-        "loss.orientation_end": loss.orientation_end,
+        "loss.orientation_end": loss.orientation_end, "cameras.position_perturb": c.position_perturb,
+        "cameras.center_perturb": c.center_perturb, "cameras.up_perturb": c.up_perturb,
+        "train.level_growth_start": t.level_growth_start,
     }, lambda v: v >= 0)
     if r.albedo_prob + r.lambertian_prob + r.textureless_prob <= 0:
         raise UserError("render.albedo_prob, lambertian_prob and textureless_prob cannot all be zero")
     _check_all("in [0, 1]", {
         "optim.betas[0]": o.betas[0], "optim.betas[1]": o.betas[1], "render.ambient": r.ambient,
         "background.random_solid_prob": cfg.background.random_solid_prob,
-        "render.occupancy_ema_decay": r.occupancy_ema_decay,
+        "render.occupancy_ema_decay": r.occupancy_ema_decay, "render.alpha_threshold": r.alpha_threshold,
     }, lambda v: 0 <= v <= 1)
     for key, (lo, hi) in {"cameras.distance_range": c.distance_range, "cameras.fovy_range": c.fovy_range,
                           "cameras.elevation_range": c.elevation_range,
@@ -85,6 +87,8 @@ def check_config(cfg: Config) -> None:
             raise UserError(f"{key} must be [low, high] with low <= high, got [{lo}, {hi}]")
     if not (0 < c.fovy_range[0] and c.fovy_range[1] < 180):
         raise UserError(f"cameras.fovy_range must lie in (0, 180) degrees, got {list(c.fovy_range)}")
+    if not (-90 <= c.elevation_range[0] and c.elevation_range[1] <= 90):
+        raise UserError(f"cameras.elevation_range must lie in [-90, 90] degrees, got {list(c.elevation_range)}")
     check_guidance(cfg.guidance)
     check_prompts(cfg.prompts)
     if cfg.guidance.perp_neg:

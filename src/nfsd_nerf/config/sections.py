@@ -42,8 +42,13 @@ class FieldConfig:
     """Peak of the centred density bias (Magic3D blob) that training starts from."""
     blob_radius: float = 0.5
     """Radius at which the blob bias crosses zero."""
-    normal_method: Literal["analytic", "finite_difference"] = "finite_difference"
-    """How normals are derived from the density gradient."""
+    normal_method: Literal["auto", "analytic", "finite_difference"] = "auto"
+    """How normals are derived from the density gradient: ``analytic`` (autograd, threestudio's),
+    ``finite_difference`` (6 density evaluations), or ``auto``: analytic for CUDA inputs, finite
+    differences on the CPU (5-6% faster there at the CPU presets' size: README "Configuration")."""
+    heads: Literal["shared", "separate"] = "shared"
+    """MLP heads after the hash grid: one MLP with 4 outputs (density, albedo; 0.1.0's, so its configs
+    and checkpoints load), or separate density and albedo MLPs (threestudio's, set by the default preset)."""
     backend: Literal["auto", "tcnn", "torch"] = "auto"
     """Hash-grid backend: tinycudann when CUDA and tinycudann are present, else PyTorch."""
 
@@ -78,8 +83,12 @@ class RenderConfig:
     """Alpha threshold below which a cell counts as empty."""
     occupancy_ema_decay: float = 0.95
     """Decay of the occupancy estimate between refreshes."""
-    ambient_only_steps: int = 1000
-    """Warm-up steps rendered with albedo only."""
+    alpha_threshold: float = 0.0
+    """Samples whose alpha ``1 - exp(-sigma * step)`` is below ``min(this, mean(occs))`` are dropped
+    after the density pass (nerfacc's ``alpha_thre``, both marchers). 0 (0.1.0's: a config without
+    the key means what it meant) keeps them all; the default preset sets threestudio's 0.01."""
+    ambient_only_steps: int = 2001
+    """Warm-up steps rendered with albedo only (threestudio's 2001: steps 0-2000)."""
     albedo_prob: float = 0.25
     """After warm-up: probability of albedo-only shading for a step."""
     lambertian_prob: float = 0.375
@@ -98,10 +107,13 @@ class CameraConfig:
     """Camera distance from the origin."""
     fovy_range: tuple[float, float] = (40.0, 70.0)
     """Vertical field of view, degrees."""
-    elevation_range: tuple[float, float] = (-10.0, 45.0)
-    """Elevation, degrees."""
+    elevation_range: tuple[float, float] = (-10.0, 90.0)
+    """Elevation, degrees (threestudio's [-10, 90]: above 60 the overhead prompt fires)."""
     position_perturb: float = 0.1
-    """Std of the camera-position jitter."""
+    """Scale ``p`` of the camera-position jitter: half width (uniform) or std (normal)."""
+    position_perturb_distribution: Literal["uniform", "normal"] = "normal"
+    """Camera-position jitter: N(0, p^2) per axis (0.1.0's: a config without the key means what it
+    meant) or uniform in [-p, p] (threestudio's, set by the default preset)."""
     center_perturb: float = 0.2
     """Std of the look-at target jitter."""
     up_perturb: float = 0.02
@@ -220,7 +232,8 @@ class TrainConfig:
     start_levels: Optional[int] = None
     """Coarse-to-fine: train with only this many hash-grid levels at first (unset: all from step 0)."""
     level_growth_start: int = 2000
-    """Step at which the first finer level is switched on (with start_levels)."""
+    """Step from which levels grow (with start_levels): ``start_levels + max(step - start, 0) // every``,
+    so the first finer level switches on at ``level_growth_start + level_growth_every`` (threestudio's)."""
     level_growth_every: int = 500
     """Steps between switching on successive finer levels (with start_levels)."""
 

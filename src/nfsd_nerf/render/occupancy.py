@@ -35,7 +35,8 @@ class OccupancyGrid(nn.Module):
     these very tensors, so a checkpoint moves freely between devices.
     """
 
-    def __init__(self, bound: float, resolution: int = 32, threshold: float = 0.01, ema_decay: float = 0.95):
+    def __init__(self, bound: float, resolution: int = 32, threshold: float = 0.01, ema_decay: float = 0.95,
+                 alpha_threshold: float = 0.0):
         super().__init__()
         if resolution < 1:
             raise ValueError(f"occupancy resolution must be >= 1, got {resolution}")
@@ -43,6 +44,9 @@ class OccupancyGrid(nn.Module):
         self.resolution = int(resolution)
         self.threshold = float(threshold)
         self.ema_decay = float(ema_decay)
+        self.alpha_threshold = float(alpha_threshold)
+        """Renders through this grid drop samples with alpha below ``min(alpha_threshold, mean(occs))``
+        (nerfacc's ``alpha_thre``; ``render.alpha_threshold``; not state: it comes from the config)."""
         r = self.resolution
         self.register_buffer("occs", torch.zeros(r, r, r))
         self.register_buffer("binaries", torch.ones(r, r, r, dtype=torch.bool))

@@ -13,17 +13,20 @@ import torch
 from torch import Tensor
 
 from ..cameras import Cameras, generate_rays
+from ..field import resolve_normal_method
 from ..profiling import stage
 from .marching import (
     march_rays_cpu,
     march_rays_nerfacc,
     nerfacc_kernels_available,
     ray_offsets,
+    sampling_alpha_threshold,
     step_size_from_samples,
+    visible_after_density_pass,
 )
 from .occupancy import OccupancyGrid
 from .shading import SHADINGS, Shading, shade
-from .volume import accumulate_along_rays_packed, render_weight_from_density_packed, visible_before_early_stop
+from .volume import accumulate_along_rays_packed, render_weight_from_density_packed
 
 EARLY_STOP_EPS = 1e-4
 """Transmittance below which the rest of a ray is skipped (nerfacc's default)."""
@@ -60,8 +63,11 @@ class _CountingField:
 
     def __init__(self, field, block: int = _NO_GRAD_FIELD_BLOCK):
         self.field, self.count, self.block = field, 0, block
-        fd = getattr(field, "normal_method", "analytic") == "finite_difference"
-        self.normal_cost = 6 if fd else 1
+
+    def _normal_cost(self, x: Tensor) -> int:
+        """Density evaluations per normal at x's device: 6 for finite differences, else 1."""
+        method = resolve_normal_method(getattr(self.field, "normal_method", "analytic"), x.device)
+        return 6 if method == "finite_difference" else 1
 
     def _blocked(self, fn, x: Tensor, block: int):
         if torch.is_grad_enabled() or x.shape[0] <= block:
@@ -80,8 +86,9 @@ class _CountingField:
         return self._blocked(self.field, x, self.block)
 
     def normals(self, x: Tensor) -> Tensor:
-        self.count += self.normal_cost * x.shape[0]
-        return self._blocked(self.field.normals, x, max(1, self.block // self.normal_cost))
+        cost = self._normal_cost(x)
+        self.count += cost * x.shape[0]
+        return self._blocked(self.field.normals, x, max(1, self.block // cost))
 
 
 class _Samples(NamedTuple):
@@ -116,21 +123,24 @@ def _check_inputs(rays_o, rays_d, n_samples, shading, light_positions, backgroun
         raise ValueError(f"occupancy grid bound {occupancy.bound} differs from the field's {bound}")
 
 
-def _march(use_nerfacc, counted, rays_o, rays_d, occupancy, step, offsets, bound, early_stop_eps):
+def _march(use_nerfacc, counted, rays_o, rays_d, occupancy, step, offsets, bound, early_stop_eps, alpha_threshold):
     """-> ray_indices [S] (long), t_starts, t_ends [S]: nerfacc's marcher (with its counted density
-    pre-pass) or the PyTorch one (early stop happens later, in :func:`_field_on_samples`)."""
+    pre-pass) or the PyTorch one (early stop and alpha threshold come later, in :func:`_field_on_samples`)."""
     if use_nerfacc:
-        return march_rays_nerfacc(counted.density, rays_o, rays_d, occupancy, step, offsets, bound, early_stop_eps)
+        return march_rays_nerfacc(counted.density, rays_o, rays_d, occupancy, step, offsets, bound, early_stop_eps,
+                                  alpha_threshold)
     return march_rays_cpu(rays_o, rays_d, bound=bound, step=step, offsets=offsets, occupancy=occupancy)
 
 
-def _field_on_samples(counted, rays_o, rays_d, ray_indices, t_starts, t_ends, n_rays, cpu_early_stop_eps) -> _Samples:
-    """Density and albedo at the sample midpoints; with ``cpu_early_stop_eps`` > 0 the samples
-    behind transmittance < eps are dropped afterwards.
+def _field_on_samples(counted, rays_o, rays_d, ray_indices, t_starts, t_ends, n_rays, cpu_early_stop_eps,
+                      cpu_alpha_threshold) -> _Samples:
+    """Density and albedo at the sample midpoints; then the samples nerfacc's pre-pass would have
+    dropped (behind transmittance < ``cpu_early_stop_eps``, alpha < ``cpu_alpha_threshold``) go,
+    by :func:`~.marching.visible_after_density_pass`; both 0 on CUDA, where nerfacc did it.
 
-    CPU early termination, without a second pass: the density pass already paid for every sample
-    (a no-grad pre-pass + a re-evaluation was measured slower on CPU), but the normals (6 more
-    density evaluations each) are only needed in front of T < eps.
+    CPU filtering without a second pass: the density pass already paid for every sample (a no-grad
+    pre-pass + a re-evaluation was measured slower on CPU), but the normals (6 more density
+    evaluations each) are only needed for the samples kept.
     """
     t_mid = 0.5 * (t_starts + t_ends)
     x = rays_o[ray_indices] + t_mid[:, None] * rays_d[ray_indices]  # [S, 3]
@@ -139,8 +149,9 @@ def _field_on_samples(counted, rays_o, rays_d, ray_indices, t_starts, t_ends, n_
     else:
         sigmas, albedo = x.new_zeros(0), x.new_zeros(0, 3)
     samples = _Samples(ray_indices, t_starts, t_ends, t_mid, x, sigmas, albedo)
-    if cpu_early_stop_eps > 0 and x.shape[0] > 0:
-        keep = visible_before_early_stop(t_starts, t_ends, sigmas, ray_indices, n_rays, cpu_early_stop_eps)
+    if (cpu_early_stop_eps > 0 or cpu_alpha_threshold > 0) and x.shape[0] > 0:
+        keep = visible_after_density_pass(t_starts, t_ends, sigmas, ray_indices, n_rays, cpu_early_stop_eps,
+                                          cpu_alpha_threshold)
         if not bool(keep.all()):
             samples = samples.select(keep)
     return samples
@@ -213,6 +224,7 @@ def render_rays(
     background_rgb: Tensor | None = None,
     generator: torch.Generator | None = None,
     early_stop_eps: float = EARLY_STOP_EPS,
+    alpha_threshold: float | None = None,
 ) -> RenderOutput:
     """Render N rays through ``field`` (differentiable w.r.t. the field and the background).
 
@@ -222,6 +234,9 @@ def render_rays(
     ``generator`` (a CPU generator; global RNG if None). ``early_stop_eps`` > 0 drops samples
     behind transmittance < eps: on CUDA before the field is evaluated (nerfacc's no-grad density
     pass), on CPU after the density pass, so only normals and shading are saved there; 0 disables it.
+    ``alpha_threshold`` drops samples with alpha below ``min(alpha_threshold, mean(occupancy.occs))``
+    the same way (nerfacc's ``alpha_thre``); None: the grid's own ``alpha_threshold`` (its config's
+    ``render.alpha_threshold``), 0 without a grid.
     """
     # 1. Check inputs
     bound = float(field.bound)
@@ -230,18 +245,22 @@ def render_rays(
     counted = _CountingField(field)
     step = step_size_from_samples(bound, n_samples)
     offsets = ray_offsets(n_rays, step, stratified, generator, rays_o.device)
+    if alpha_threshold is None:
+        alpha_threshold = getattr(occupancy, "alpha_threshold", 0.0)
 
     # 2. March: packed samples in occupied cells (no field evaluation in empty space)
     with stage("march"):
         use_nerfacc = rays_o.is_cuda and nerfacc_kernels_available()
         ray_indices, t_starts, t_ends = _march(
-            use_nerfacc, counted, rays_o, rays_d, occupancy, step, offsets, bound, early_stop_eps
+            use_nerfacc, counted, rays_o, rays_d, occupancy, step, offsets, bound, early_stop_eps, alpha_threshold
         )
 
-    # 3. Field on the survivors (then early stop on CPU; nerfacc did it while marching)
+    # 3. Field on the survivors (then early stop and alpha threshold on CPU; nerfacc did both while marching)
     with stage("field"):
         cpu_early_stop_eps = 0.0 if use_nerfacc else early_stop_eps
-        samples = _field_on_samples(counted, rays_o, rays_d, ray_indices, t_starts, t_ends, n_rays, cpu_early_stop_eps)
+        cpu_alpha = 0.0 if use_nerfacc else sampling_alpha_threshold(alpha_threshold, getattr(occupancy, "occs", None))
+        samples = _field_on_samples(counted, rays_o, rays_d, ray_indices, t_starts, t_ends, n_rays, cpu_early_stop_eps,
+                                    cpu_alpha)
 
     # 4. Weights (they do not depend on the normals)
     weights = _weights(samples, n_rays, use_nerfacc)

@@ -17,12 +17,13 @@ if TYPE_CHECKING:
 
 
 def active_levels(step: int, train: "TrainConfig", n_levels: int) -> int:
-    """Coarse-to-fine hash grid: ``start_levels`` until ``level_growth_start``, then one more level
-    every ``level_growth_every`` steps (threestudio's schedule: 8, +1 every 500 after step 2000);
-    all ``n_levels`` from step 0 when ``start_levels`` is unset."""
+    """Coarse-to-fine hash grid, threestudio's ``ProgressiveBandHashGrid``:
+    ``min(start_levels + max(step - level_growth_start, 0) // level_growth_every, n_levels)``
+    (8 until step 2499, 9 from 2500, 16 from 6000 in the default preset); all ``n_levels`` from
+    step 0 when ``start_levels`` is unset."""
     if train.start_levels is None:
         return n_levels
-    grown = 0 if step < train.level_growth_start else 1 + (step - train.level_growth_start) // train.level_growth_every
+    grown = max(step - train.level_growth_start, 0) // train.level_growth_every
     return min(n_levels, train.start_levels + grown)
 
 

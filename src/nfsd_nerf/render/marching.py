@@ -7,7 +7,11 @@ Two marchers produce the same packed samples (docs/design.md, section 5):
   when stratified), restricted to the scene box; a vectorised traversal of the occupancy cells
   drops samples in empty cells *before* the field is evaluated.
 * CUDA (:func:`march_rays_nerfacc`): nerfacc's ``OccGridEstimator.sampling`` on the same occupancy
-  buffers and the same lattice, with a no-grad density pre-pass for early termination.
+  buffers and the same lattice, with a no-grad density pre-pass for early termination and the
+  alpha threshold; the CPU path drops the same samples after its density pass
+  (:func:`visible_after_density_pass`).
+  Its kernels are JIT-built on a machine's first use: :func:`prepare_nerfacc_kernels` does that
+  before training, under a status line, and says in one line why when they cannot be built.
 
 Output: ``ray_indices [S]`` (long, sorted), ``t_starts [S]``, ``t_ends [S]``; within a ray the
 samples are ordered front to back.
@@ -15,8 +19,13 @@ samples are ordered front to back.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import importlib.util
 import math
+import os
+import shutil
+import time
 import warnings
 from typing import Callable
 
@@ -24,6 +33,7 @@ import torch
 from torch import Tensor
 
 from .occupancy import OccupancyGrid, cells_from_points
+from .volume import visible_before_early_stop
 
 _CPU_MARCH_BLOCK = 1 << 21
 """Ray pieces (ray x grid-plane crossings) handled at once by the CPU marcher (bounds memory)."""
@@ -179,24 +189,135 @@ def march_rays_cpu(
     return ray_indices, t_mid - 0.5 * step, t_mid + 0.5 * step
 
 
+def sampling_alpha_threshold(alpha_threshold: float, occs: Tensor | None) -> float:
+    """nerfacc's rule in ``OccGridEstimator.sampling``: the alpha threshold is capped at the grid's
+    mean occupancy ``occs`` [R, R, R] (a faint field keeps its samples); 0 without a grid (nerfacc's
+    transient grid has zero occupancy)."""
+    if alpha_threshold <= 0 or occs is None:
+        return 0.0
+    return min(float(alpha_threshold), float(occs.mean()))
+
+
+def visible_after_density_pass(
+    t_starts: Tensor, t_ends: Tensor, sigmas: Tensor, ray_indices: Tensor, n_rays: int,
+    early_stop_eps: float, alpha_threshold: float,
+) -> Tensor:
+    """[S] bool: what nerfacc's ``sampling`` keeps after its density pre-pass, for the CPU marcher.
+
+    t_starts, t_ends, sigmas, ray_indices [S]. Kept: transmittance (over *all* samples) >= eps when
+    ``early_stop_eps`` > 0, and ``alpha = 1 - exp(-sigma (t_end - t_start)) >= alpha_threshold`` when
+    that (already capped by :func:`sampling_alpha_threshold`) is > 0. No gradient.
+    """
+    keep = torch.ones_like(ray_indices, dtype=torch.bool)
+    if early_stop_eps > 0:
+        keep = visible_before_early_stop(t_starts, t_ends, sigmas, ray_indices, n_rays, early_stop_eps)
+    if alpha_threshold > 0:
+        with torch.no_grad():
+            alphas = 1.0 - torch.exp(-sigmas.detach() * (t_ends - t_starts))
+        keep = keep & (alphas >= alpha_threshold)
+    return keep
+
+
+KERNELS_STATUS = "building nerfacc's CUDA kernels (first run only, can take a few minutes)..."
+"""Shown while :func:`prepare_nerfacc_kernels` loads the kernels (nerfacc JIT-builds them once per machine)."""
+
+_kernels_explained = False
+"""Whether the user has been told why nerfacc's kernels are missing (said once per process)."""
+
+
 @functools.lru_cache(maxsize=1)
+def _load_nerfacc_kernels() -> str | None:
+    """Load nerfacc's CUDA kernels once per process, JIT-building them the first time: None when
+    they loaded, else why not (one line). Only call it with a CUDA build of torch and a GPU: on a
+    CPU torch with nvcc present, nerfacc tries a build that fails on CUDA_HOME."""
+    if shutil.which("nvcc") is None and not _nerfacc_prebuilt():
+        # nerfacc would print its own "no CUDA toolkit" line: say it once, in ours
+        home = os.environ.get("CUDA_HOME")
+        return f"nvcc is not on PATH (CUDA_HOME={home})" if home else "nvcc is not on PATH and CUDA_HOME is unset"
+    try:
+        with _quiet_nerfacc_console():
+            backend = _import_nerfacc_backend()
+    except Exception as exc:  # OSError (no CUDA_HOME), RuntimeError (no ninja, compiler error), ImportError...
+        text = str(exc).strip()
+        return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
+    return None if getattr(backend, "_C", None) is not None else "the extension did not build"
+
+
+def _import_nerfacc_backend():
+    """nerfacc's kernel module: importing it loads the compiled kernels or JIT-builds them (nvcc + ninja)."""
+    from nerfacc.cuda import _backend
+
+    return _backend
+
+
+def _nerfacc_prebuilt() -> bool:
+    """Whether nerfacc was installed with its kernels compiled (``nerfacc.csrc``), needing no nvcc."""
+    try:
+        return importlib.util.find_spec("nerfacc.csrc") is not None
+    except ImportError:  # nerfacc itself is missing
+        return False
+
+
+@contextlib.contextmanager
+def _quiet_nerfacc_console():
+    """nerfacc draws its own spinner while building; consoles created in this block are not interactive,
+    so ours (:data:`KERNELS_STATUS`) is the only one on screen."""
+    previous = os.environ.get("TTY_INTERACTIVE")
+    os.environ["TTY_INTERACTIVE"] = "0"  # read by rich.Console() when it is created
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop("TTY_INTERACTIVE", None)
+        else:
+            os.environ["TTY_INTERACTIVE"] = previous
+
+
+def kernels_unavailable_message(reason: str) -> str:
+    """One line: why nerfacc's kernels are missing, what it costs, and how to fix it."""
+    cuda = torch.version.cuda or "matching torch's"
+    return (f"nerfacc's CUDA kernels are unavailable ({reason}): the PyTorch ray marcher runs on the GPU instead "
+            f"(same samples; its speed cost on a GPU is not measured yet). To fix: install the CUDA {cuda} "
+            f"toolkit (torch's CUDA), `pip install ninja`, put nvcc on PATH and set CUDA_HOME")
+
+
+def prepare_nerfacc_kernels(console, device: torch.device) -> bool:
+    """Load (on a first run, build) nerfacc's kernels before training, under a status line, so the
+    build never happens inside the progress bar. Returns whether the CUDA marcher will run.
+
+    A no-op on any device but CUDA (prints nothing, imports nothing). On failure prints one line:
+    :func:`kernels_unavailable_message`.
+    """
+    global _kernels_explained
+    if device.type != "cuda":
+        return False
+    if _load_nerfacc_kernels.cache_info().currsize:  # already tried in this process
+        return nerfacc_kernels_available()
+    started = time.perf_counter()
+    with console.status(KERNELS_STATUS):
+        reason = _load_nerfacc_kernels()
+    _kernels_explained = True
+    if reason is None:
+        console.print(f"nerfacc's CUDA kernels: ready ({time.perf_counter() - started:.1f} s)")
+    else:
+        from rich.markup import escape  # the reason may hold brackets (compiler output)
+
+        console.print(f"[yellow]warning:[/] {escape(kernels_unavailable_message(reason))}", highlight=False)
+    return reason is None
+
+
 def nerfacc_kernels_available() -> bool:
-    """Whether nerfacc's CUDA kernels load (they JIT-build on first use and need nvcc + ninja).
+    """Whether nerfacc's CUDA kernels load; call only with CUDA tensors (see :func:`_load_nerfacc_kernels`).
 
     Without them the PyTorch marcher runs on the GPU too (same lattice, same results), with a
-    one-time warning instead of a crash at the first training step.
+    one-time warning (unless :func:`prepare_nerfacc_kernels` already said why) instead of a crash.
     """
-    try:
-        from nerfacc.cuda import _backend
-
-        if getattr(_backend, "_C", None) is not None:
-            return True
-        reason = "the extension did not build"
-    except Exception as exc:  # OSError (no CUDA_HOME), RuntimeError (no ninja), ImportError...
-        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-    warnings.warn(f"nerfacc's CUDA kernels are unavailable ({reason}); using the PyTorch ray marcher on the GPU",
-                  stacklevel=2)
-    return False
+    global _kernels_explained
+    reason = _load_nerfacc_kernels()
+    if reason is not None and not _kernels_explained:
+        _kernels_explained = True
+        warnings.warn(kernels_unavailable_message(reason), stacklevel=2)
+    return reason is None
 
 
 def march_rays_nerfacc(
@@ -208,11 +329,14 @@ def march_rays_nerfacc(
     offsets: Tensor,
     bound: float,
     early_stop_eps: float,
+    alpha_threshold: float = 0.0,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """nerfacc's marcher (CUDA only): same lattice, same occupancy buffers, density pre-pass inside.
 
     density: x [M, 3] -> sigma [M], called (no grad) on the candidates when ``early_stop_eps`` > 0
-    to drop samples behind transmittance < eps. Otherwise as :func:`march_rays_cpu`:
+    or ``alpha_threshold`` > 0, to drop samples behind transmittance < eps and samples whose alpha
+    is below ``min(alpha_threshold, mean(occs))`` (CPU: :func:`visible_after_density_pass`).
+    Otherwise as :func:`march_rays_cpu`:
     rays_o, rays_d [N, 3]; offsets [N] -> ray_indices [S] (long), t_starts [S], t_ends [S].
     """
     def sigma_fn(t_starts: Tensor, t_ends: Tensor, ray_indices: Tensor) -> Tensor:
@@ -225,14 +349,14 @@ def march_rays_nerfacc(
     ray_indices, t_starts, t_ends = estimator.sampling(
         rays_o.contiguous(),
         rays_d.contiguous(),
-        sigma_fn=sigma_fn if early_stop_eps > 0 else None,
+        sigma_fn=sigma_fn if early_stop_eps > 0 or alpha_threshold > 0 else None,
         near_plane=0.0,
         # nerfacc marches from the per-ray near plane in whole steps and keeps the samples whose
         # midpoints fall in the box: starting at `offsets` gives the CPU path's lattice exactly.
         t_min=offsets,
         render_step_size=step,
         early_stop_eps=early_stop_eps,
-        alpha_thre=0.0,
+        alpha_thre=alpha_threshold,  # nerfacc caps it at occs.mean() itself
         stratified=False,  # our own jitter (offsets) comes from the caller's generator
     )
     return ray_indices.long(), t_starts, t_ends

@@ -11,6 +11,7 @@ from . import __version__
 from .config import DEFAULT_MODEL
 from .errors import UserError
 from .export.formats import formats_help, textured_formats
+from .guidance.dds import edit_rules_help
 from .guidance.rules import rules_help
 
 DEVICE_HELP = "auto (CUDA when available), cuda or cpu."
@@ -138,6 +139,38 @@ def _train_config(prompt: str | None, config: Path | None, overrides: list[str],
     return cfg, ckpt
 
 
+@app.command()
+def batch(
+    plan: Path = typer.Argument(..., help="Batch plan (YAML): prompts x variants x seeds, "
+                                "e.g. configs/batches/builtin-nfsd-vs-sds.yaml."),
+    out: Path = typer.Option(Path("outputs"), help="Parent of the plan's folder OUT/<plan name>/ (on a Ray cluster: "
+                             "storage every node sees at the same path)."),
+    address: Optional[str] = typer.Option(None, help='Join a Ray cluster: "auto" or "ray://HOST:10001" '
+                                          "(default: a local Ray instance; without Ray, one run after another)."),
+    restart_stale: bool = typer.Option(False, "--restart-stale", help="Delete and retrain runs whose folder holds "
+                                       "another config than the plan now gives."),
+) -> None:
+    """Train many runs from a plan; rerunning skips finished runs and resumes interrupted ones."""
+
+    def body():
+        from rich.console import Console
+
+        from .batch import BatchInterrupted, load_plan, print_result, run_batch
+
+        checked = load_plan(plan, out)  # a bad plan: one line, exit 2, nothing written
+        console = Console(soft_wrap=True)
+        try:
+            result = run_batch(checked, address=address, restart_stale=restart_stale, console=console)
+        except BatchInterrupted as stop:
+            print_result(console, checked, stop.result.records, interrupted=True)
+            raise typer.Exit(code=130)
+        code = print_result(console, checked, result.records)
+        if code:
+            raise typer.Exit(code=code)
+
+    _run(body)
+
+
 def _print_summary(console, run_dir: Path, summary: dict) -> None:
     console.print(
         f"done: {summary['steps']} steps of {summary['guidance'].upper()}{' + Perp-Neg' if summary.get('perp_neg') else ''} "
@@ -232,6 +265,33 @@ def render_video(
     _run(body)
 
 
+@app.command()
+def doctor(
+    model: str = typer.Option(DEFAULT_MODEL, help='The --model train would use: hub id, local diffusers folder, or "builtin".'),
+    revision: Optional[str] = typer.Option(None, help="Hub revision of --model."),
+    out: Path = typer.Option(Path("outputs"), help="The output folder train would write to."),
+    offline: bool = typer.Option(False, "--offline", help="Check as `train --offline` would run."),
+    online: bool = typer.Option(False, "--online", help="Also ask the hub about --model (one request under the hub "
+                                "deadline); without it doctor never touches the network."),
+    build: bool = typer.Option(False, "--build", help="Build nerfacc's CUDA kernels now if needed (GPU only; minutes)."),
+) -> None:
+    """Check this machine before a long run or a bug report. Exit 0 if train would run, 1 if not."""
+
+    def body():
+        from rich.console import Console
+
+        from .doctor import exit_code, render, run_checks
+
+        console = Console(soft_wrap=True)
+        rows = run_checks(model, revision=revision, out=out, offline=offline, online=online, build=build,
+                          console=console)
+        render(rows, console, model)
+        if exit_code(rows):
+            raise typer.Exit(code=1)
+
+    _run(body)
+
+
 def _duration(seconds: float) -> str:
     if seconds < 90:
         return f"{seconds:.0f} s"
@@ -243,10 +303,12 @@ def _duration(seconds: float) -> str:
 @app.command()
 def image(
     prompt: str = typer.Argument(..., help="Text prompt."),
-    guidance: str = typer.Option("nfsd", help=f"Score-distillation rule. {rules_help()}."),
+    guidance: str = typer.Option("nfsd", help=f"Score-distillation rule. {rules_help()}; {edit_rules_help()}."),
     scale: Optional[float] = typer.Option(None, help="Guidance scale; unset: the rule's default."),
     negative_prompt: Optional[str] = typer.Option(None, help="Negative prompt; unset: the rule's default."),
     perp_neg: bool = typer.Option(False, "--perp-neg", hidden=True),
+    edit: Optional[Path] = typer.Option(None, "--edit", help="Image to edit (PNG/JPEG), with --guidance dds and --source-prompt."),
+    source_prompt: Optional[str] = typer.Option(None, "--source-prompt", help="What the --edit image shows (DDS's source prompt)."),
     steps: int = typer.Option(500, help="Optimization steps."),
     lr: float = typer.Option(0.05, help="Adam learning rate on the latent."),
     seed: int = typer.Option(0, help="Random seed."),
@@ -256,15 +318,15 @@ def image(
     out: Path = typer.Option(Path("outputs/images"), help="Folder for the PNGs."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
 ) -> None:
-    """The paper's 2D experiment: optimize one image (a latent) directly with NFSD or SDS."""
+    """The paper's 2D experiment: optimize one image (a latent) directly with NFSD or SDS, or edit one with DDS."""
 
     def body():
         from rich.console import Console
 
-        from .config import GuidanceConfig, check_guidance
+        from .config import GuidanceConfig
         from .files import check_writable, slugify
         from .guidance import load_prior
-        from .guidance.image import optimize_image
+        from .guidance.image import check_image_request, optimize_image
         from .runtime import resolve_device
 
         # 1. Check inputs
@@ -276,7 +338,7 @@ def image(
             raise UserError("--perp-neg needs view-dependent prompts from 3D cameras; the 2D experiment has one view")
         settings = GuidanceConfig(model=model, revision=revision, offline=offline, method=guidance, scale=scale,
                                   negative_prompt=negative_prompt)
-        check_guidance(settings)
+        source = check_image_request(settings, edit, source_prompt)  # and reads --edit
         torch_device = resolve_device(device)
         folder = out / slugify(prompt)
         check_writable(folder)
@@ -285,8 +347,52 @@ def image(
         prior = load_prior(model, revision=revision, device=torch_device, offline=offline, image_size=64)
         with _rich_progress(console, guidance.upper()) as bar:
             task = bar.add_task("image", total=steps)
-            path = optimize_image(prior, prompt, settings, steps=steps, lr=lr, seed=seed, out_dir=folder,
+            path = optimize_image(prior, prompt, settings, steps=steps, lr=lr, seed=seed, out_dir=folder, edit=source,
                                   callback=lambda step, info: bar.update(task, completed=step + 1))
         console.print(f"wrote {path}")
+
+    _run(body)
+
+
+@app.command()
+def decompose(
+    prompt: str = typer.Argument(..., help="Text prompt of dC (with --model builtin and no --image: the object to render)."),
+    image: Optional[Path] = typer.Option(None, "--image", help="In-domain image; optional with --model builtin (its true object)."),
+    ood: Optional[Path] = typer.Option(None, "--ood", help="Out-of-domain image, same size; unset: --image blurred, "
+                                       "lower contrast, desaturated."),
+    timesteps: str = typer.Option("100,200,400,600,800", "--t", help="Diffusion times, one figure row each."),
+    model: str = typer.Option(DEFAULT_MODEL, help='Hugging Face id, local diffusers folder, or "builtin".'),
+    revision: Optional[str] = typer.Option(None, help="Hub revision of --model."),
+    offline: bool = typer.Option(False, "--offline", help="Never touch the network."),
+    out: Path = typer.Option(Path("outputs/decompose"), help="Parent folder of the figure's folder."),
+    seed: int = typer.Option(0, help="Seed of the shared noise."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+) -> None:
+    """The paper's score decomposition: dN, dD, NFSD's estimate of dD and dC of an image pair, per t (PNG + JSON)."""
+
+    def body():
+        from rich.console import Console
+
+        from .config import BUILTIN_MODEL
+        from .files import check_writable, slugify
+        from .guidance import load_prior
+        from .guidance.decompose import check_inputs, check_timesteps, parse_timesteps, run_decomposition
+        from .runtime import resolve_device
+
+        # 1. Check inputs and read the images before anything loads or is written
+        times = parse_timesteps(timesteps)
+        in_domain, outside, sources = check_inputs(prompt, image, ood, builtin=model == BUILTIN_MODEL)
+        torch_device = resolve_device(device)
+        # 2. Prior; the schedule's range; then the folder and the files
+        console = Console(soft_wrap=True)
+        prior = load_prior(model, revision=revision, device=torch_device, offline=offline, image_size=64)
+        check_timesteps(times, prior.num_train_timesteps)
+        folder = out / slugify(prompt)
+        check_writable(folder)
+        with console.status(f"decomposing at t = {', '.join(map(str, times))}..."):
+            paths = run_decomposition(prior, prompt, out_dir=folder, timesteps=times, in_domain=in_domain, ood=outside,
+                                      sources=sources, seed=seed)
+        for path in paths:
+            console.print(f"wrote {path}")
 
     _run(body)

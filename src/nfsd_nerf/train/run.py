@@ -63,9 +63,14 @@ def run_training(
     run_dir: Path | None = None,
     console=None,
     progress: bool = True,
+    prior=None,
 ) -> RunResult:
-    """Train a new run in ``OUT/<slug>-<time>/`` or continue ``run_dir`` from ``resume``."""
+    """Train a new run in ``OUT/<slug>-<time>/`` (or in ``run_dir`` when given) or continue ``run_dir``
+    from ``resume``. ``prior``: an already loaded prior matching the config (a batch worker reuses one
+    across runs, see :func:`load_run_prior`); None loads it."""
     from rich.console import Console
+
+    from ..render.marching import prepare_nerfacc_kernels
 
     console = console or Console()
     started = time.perf_counter()
@@ -79,7 +84,8 @@ def run_training(
         console.print("[yellow]note:[/] no GPU in use: training on the CPU")
 
     # 2. Diffusion prior and guidance rule (rule defaults resolved into the recorded config)
-    cfg, prior, distill = _load_guidance(cfg, device)
+    cfg, prior, distill = _load_guidance(cfg, device, prior)
+    prepare_nerfacc_kernels(console, device)  # CUDA only: built here, never inside the progress bar
 
     # 3. Run folder, trainer, and resumed state
     trainer = _prepare_run(cfg, out, resume, run_dir, device, prior, distill)
@@ -93,15 +99,22 @@ def run_training(
     return RunResult(run_dir=trainer.run_dir, summary=summary)
 
 
-def _load_guidance(cfg: Config, device: torch.device):
-    """Load the prior, build the rule, and embed every prompt once (unknown prompts fail here,
-    before a run folder exists)."""
+def load_run_prior(cfg: Config, device: torch.device):
+    """The prior a run of ``cfg`` trains against, loaded on ``device``."""
     from ..guidance import load_prior
+
+    g = cfg.guidance
+    return load_prior(g.model, revision=g.revision, device=device, half_precision=g.half_precision,
+                      offline=g.offline, image_size=cfg.render.size)
+
+
+def _load_guidance(cfg: Config, device: torch.device, prior=None):
+    """Load the prior (unless given), build the rule, and embed every prompt once (unknown prompts
+    fail here, before a run folder exists)."""
     from ..guidance.distill import ScoreDistillation
 
     g = cfg.guidance
-    prior = load_prior(g.model, revision=g.revision, device=device, half_precision=g.half_precision,
-                       offline=g.offline, image_size=cfg.render.size)
+    prior = prior if prior is not None else load_run_prior(cfg, device)
     distill = ScoreDistillation(prior, g, cfg.prompts, cfg.prompt)
     cfg = dataclasses.replace(cfg, guidance=distill.cfg)
     prior.embed(prompt_variants(cfg))
@@ -111,7 +124,7 @@ def _load_guidance(cfg: Config, device: torch.device):
 def _prepare_run(cfg: Config, out: Path | None, resume: Checkpoint | None, run_dir: Path | None,
                  device: torch.device, prior, distill) -> Trainer:
     """A new run folder (or the resumed one) with ``config.yaml``, and a trainer in the saved state."""
-    run_dir = Path(run_dir) if resume is not None else new_run_dir(out, cfg.prompt)
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(out, cfg.prompt)
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, run_dir, device, prior, distill)
     if resume is not None:
@@ -239,7 +252,10 @@ def _finish(trainer: Trainer, step_times: list[float], *, wall_start: float) -> 
         "device": describe_device(device),
         "hash_grid_backend": trainer.scene.field.encoding.backend,
         "ray_marcher": "nerfacc" if device.type == "cuda" and nerfacc_kernels_available() else "pytorch",
-        "model": {"id": trainer.prior.model_id, "revision": trainer.prior.revision},
+        "model": {"id": trainer.prior.model_id, "revision": trainer.prior.revision,
+                  # what was read and in which precision (fp16 runs read *.fp16.safetensors where present)
+                  "dtype": str(getattr(trainer.prior, "dtype", "")).removeprefix("torch.") or None,
+                  "weight_files": list(getattr(trainer.prior, "weight_files", ()))},
         "versions": package_versions(),
         "eval": evaluation,
         **_loss_scale_fields(trainer),

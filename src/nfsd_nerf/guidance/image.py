@@ -105,22 +105,24 @@ def optimize_image(
             callback(step, {**info, "loss": loss.item()})
 
     # 3. Write the result, the strip of snapshots and the settings.
-    out_dir = Path(out_dir)
+    settings = {"prompt": prompt, "model": prior.model_id, "revision": prior.revision, "steps": steps, "lr": lr,
+                "seed": seed, "snapshot_steps": sorted(snapshot_steps)}
+    if editing:
+        settings.update(edit=edit.name, source_prompt=edit.prompt)
+    return _write_outputs(Path(out_dir), snapshots, distill.cfg, settings)
+
+
+def _write_outputs(out_dir: Path, snapshots: list[Tensor], g: "GuidanceConfig", settings: dict) -> Path:
+    """``<method>-s<scale>.png``, ``-steps.png`` and ``.json`` (the run's and the resolved guidance
+    settings) in ``out_dir``; returns the final PNG's path."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    g = distill.cfg
     stem = f"{g.method}-s{g.scale:g}"
     final = out_dir / f"{stem}.png"
     write_png(final, snapshots[-1])
     write_png(out_dir / f"{stem}-steps.png", image_grid(torch.stack(snapshots)))
-    settings = {
-        "prompt": prompt, "model": prior.model_id, "revision": prior.revision, "method": g.method,
-        "scale": g.scale, "negative_prompt": g.negative_prompt, "steps": steps, "lr": lr,
-        "seed": seed, "t_min": g.t_min, "t_max": g.t_max, "t_max_end": g.t_max_end, "weighting": g.weighting,
-        "grad_clip": g.grad_clip, "snapshot_steps": sorted(snapshot_steps),
-    }
-    if editing:
-        settings.update(edit=edit.name, source_prompt=edit.prompt)
-    files.atomic_write_bytes(out_dir / f"{stem}.json", (json.dumps(settings, indent=2) + "\n").encode())
+    guidance = {"method": g.method, "scale": g.scale, "negative_prompt": g.negative_prompt, "t_min": g.t_min,
+                "t_max": g.t_max, "t_max_end": g.t_max_end, "weighting": g.weighting, "grad_clip": g.grad_clip}
+    files.atomic_write_bytes(out_dir / f"{stem}.json", (json.dumps({**settings, **guidance}, indent=2) + "\n").encode())
     return final
 
 

@@ -1,8 +1,9 @@
 """Training-step breakdown: mean and p90 seconds per stage, after warm-up, device synchronised.
 
-Configurations: the built-in preset on the CPU; a tiny random Stable Diffusion on the CPU; and on
-CUDA the default preset (64x64, 16 levels, 512 samples) with the full-size SD 2.1-base architecture
-(random weights, fp16: the same arithmetic as the real model) for NFSD and for SDS.
+Configurations: the built-in preset on the CPU; a tiny random Stable Diffusion on the CPU (NFSD, NFSD +
+Perp-Neg, VSD); and on CUDA the default preset (64x64, 16 levels, 512 samples) with the full-size SD
+2.1-base architecture (random weights, fp16: the same arithmetic as the real model) for NFSD, SDS,
+NFSD + Perp-Neg and VSD (last: its LoRA adapters stay, switched off, on the shared UNet).
 """
 
 from __future__ import annotations
@@ -20,8 +21,8 @@ from nfsd_nerf.guidance.distill import ScoreDistillation
 from nfsd_nerf.profiling import record_stages
 from nfsd_nerf.train import Trainer
 
-STAGES = ("cameras", "render", "march", "field", "shading", "encode", "noise_prediction", "rule", "backward",
-          "optimizer", "occupancy")
+STAGES = ("cameras", "render", "march", "field", "shading", "encode", "noise_prediction", "rule", "rule_state",
+          "backward", "optimizer", "occupancy")
 """Stages in data-flow order; march, field and shading are parts of render."""
 
 
@@ -88,11 +89,14 @@ def bench_training(quick: bool = False) -> list[dict]:
         plain = time_steps(cfg, prior, cpu, warmup=warmup, steps=steps, label="tiny SD, CPU, NFSD 32x32")
         cfg = merge(cfg, {"guidance": {"perp_neg": True}})
         perp_neg = time_steps(cfg, prior, cpu, warmup=warmup, steps=steps, label="tiny SD, CPU, NFSD + Perp-Neg 32x32")
+        vsd = time_steps(merge(cfg, {"guidance": {"perp_neg": False, "method": "vsd"}}), prior, cpu, warmup=warmup,
+                         steps=steps, label="tiny SD, CPU, VSD 32x32")
         rows += plain + perp_neg + [_ratio("tiny SD, CPU: Perp-Neg / plain step time", perp_neg, plain)]
+        rows += vsd + [_ratio("tiny SD, CPU: VSD / NFSD step time", vsd, plain)]
 
     # 3. The default preset with the full-size SD 2.1-base architecture on CUDA, NFSD and SDS
     if not torch.cuda.is_available():
-        for method in ("nfsd", "sds"):
+        for method in ("nfsd", "sds", "vsd"):
             rows.append({"name": f"default preset, full-size SD 2.1-base, {method.upper()}", "value": "no CUDA device",
                          "unit": "", "note": "not measured"})
         return rows
@@ -112,6 +116,11 @@ def bench_training(quick: bool = False) -> list[dict]:
                           label="default preset, full-size SD 2.1-base, CUDA fp16, NFSD + Perp-Neg")
     rows += perp_neg + [{"name": "NFSD + Perp-Neg / NFSD step-time ratio", "unit": "x",
                          "value": _whole_step(perp_neg) / per_method["nfsd"]}]
+    cfg = merge(cfg, {"guidance": {"method": "vsd", "perp_neg": False}})
+    vsd = time_steps(cfg, prior, gpu, warmup=warmup, steps=steps,
+                     label="default preset, full-size SD 2.1-base, CUDA fp16, VSD")
+    rows += vsd + [{"name": "VSD / NFSD step-time ratio", "unit": "x",
+                    "value": _whole_step(vsd) / per_method["nfsd"]}]
     return rows
 
 

@@ -7,6 +7,7 @@ layout (cond + uncond + negative rows only where t >= 200) is counted directly.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -166,6 +167,15 @@ def test_annealing_lowers_t_max_with_progress():
     assert max(info["t"]) > 300
 
 
+def test_t_max_drops_after_its_step():
+    """threestudio's VSD anneal: t_max_after from the step after t_max_after_step on (given the step)."""
+    guidance = ScoreDistillation(StubPrior(), GuidanceConfig(t_max_after=0.3, t_max_after_step=10))
+    z = torch.zeros(64, C, H, W)
+    for step, dropped in [(None, False), (10, False), (11, True)]:
+        _, info = guidance.loss(z, ["p"] * 64, None, 0.0, torch.Generator().manual_seed(0), step=step)
+        assert (max(info["t"]) <= 300) == dropped
+
+
 def test_a_third_rule_is_one_table_entry(monkeypatch):
     """A rule registered in RULES is used with the shared sampling, batching and loss."""
     monkeypatch.setitem(RULES, "cfg-only", Rule(
@@ -179,10 +189,13 @@ def test_a_third_rule_is_one_table_entry(monkeypatch):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"method": "vsd"}, "vsd"),
+    ({"method": "sjc"}, "sjc"),
     ({"t_min": 0.5, "t_max": 0.4}, "t_min=0.5"),
     ({"t_max_end": 1.5}, "t_max_end=1.5"),
     ({"grad_clip": 0.0}, "grad_clip"),
+    ({"t_max_after": 0.01}, "t_max_after=0.01"),
+    ({"lora_rank": 0}, "lora_rank >= 1"),
+    ({"lora_lr": -1.0}, "lora_lr > 0"),
     ({"scale": float("nan")}, "nan"),
 ])
 def test_bad_settings_are_user_errors(kwargs, match):
@@ -193,12 +206,40 @@ def test_bad_settings_are_user_errors(kwargs, match):
 # --------------------------------------------------------------------------- one contract over every rule
 
 
+class StubState:
+    """A rule state with a known prediction per sample that records its hooks' calls. The contract
+    gives it to rules with state (VSD's real one needs a UNet: tests/test_guidance_vsd.py)."""
+
+    def __init__(self, prior, cfg):
+        self.table = torch.randn(8, C, H, W, generator=torch.Generator().manual_seed(7))
+        self.calls = []
+
+    def predict(self, z_t, t, prompts, cameras):
+        self.calls.append(("predict", z_t.clone(), t.clone(), list(prompts)))
+        return self.table[t % 8]
+
+    def train(self, z, prompts, cameras, generator):
+        self.calls.append(("train", z.clone(), z.requires_grad, list(prompts)))
+        return {"stub": torch.rand((), generator=generator)}
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, tensors):
+        pass
+
+
 @pytest.mark.parametrize("name", list(RULES))
-def test_every_rule_meets_the_distillation_contract(name):
+def test_every_rule_meets_the_distillation_contract(name, monkeypatch):
     """Any entry of RULES: sane table fields, one batched prediction with exactly the negative rows
-    its mask asks for, and a latent gradient equal to the rule applied to those predictions / B."""
+    its mask asks for, and a latent gradient equal to the rule applied to those predictions / B.
+    A rule with state gets :class:`StubState`: its prediction (for the same z_t and t) reaches the
+    rule, and it trains once per step on the detached latents, after predicting."""
     rule = RULES[name]
     assert rule.description and math.isfinite(rule.default_scale) and rule.default_scale > 0
+    assert rule.state is not None or not rule.needs_unet, "only a rule's state can need a UNet"
+    if rule.state is not None:
+        monkeypatch.setitem(RULES, name, dataclasses.replace(rule, state=StubState))
     prior = StubPrior()
     batch = 6
     guidance, z, prompts, loss, info, call = run_step(prior, batch, method=name, t_min=0.1, t_max=0.3)
@@ -215,9 +256,20 @@ def test_every_rule_meets_the_distillation_contract(name):
         negative[mask] = eps[2 * batch :]
     ab = prior.alphas_cumprod
     noise = noise_from_call(call, z, ab.double()).float()
+    estimate = None
+    if rule.state is not None:
+        (kind, z_t, t_state, state_prompts), (kind2, z_seen, needs_grad, train_prompts) = guidance.state.calls
+        assert (kind, kind2) == ("predict", "train") and state_prompts == train_prompts == prompts
+        assert torch.equal(z_t, call["z_t"][:batch]) and torch.equal(t_state, t)
+        assert torch.equal(z_seen, z.detach()) and not needs_grad
+        assert set(info["state_losses"]) == {"stub"}
+        estimate = guidance.state.table[t % 8]
+    else:
+        assert "state_losses" not in info
     expected = rule.grad(Predictions(
         cond=eps[:batch], uncond=eps[batch : 2 * batch], negative=negative, noise=noise, t=t,
-        weight=weight_from_timesteps(ab, t, "sds"), scale=guidance.scale, threshold=guidance.threshold))
+        weight=weight_from_timesteps(ab, t, "sds"), scale=guidance.scale, threshold=guidance.threshold,
+        estimate=estimate))
     assert expected.shape == z.shape and torch.isfinite(expected).all()
     assert torch.allclose(z.grad, expected / batch, atol=1e-4)
 

@@ -115,7 +115,7 @@ def test_image_request_checks(tmp_path):
         ("dds", tmp_path / "bad.png", "a red cube", "cannot read it as an image"),
         ("dds", tmp_path / "none.png", "a red cube", "file not found"),
         ("dds", tmp_path / "src.png", " ", "--source-prompt is empty"),
-        ("vsd", None, None, "known: nfsd, sds, dds"),
+        ("sjc", None, None, "known: nfsd, sds, vsd, dds"),
     ]:
         with pytest.raises(UserError, match=message):
             check_image_request(GuidanceConfig(method=method), edit, prompt)

@@ -133,17 +133,26 @@ class GuidanceConfig:
     offline: bool = False
     """Never touch the network (also implied by HF_HUB_OFFLINE=1)."""
     method: str = "nfsd"
-    """Score-distillation rule: any key of the rules table (``nfsd``, ``sds``; ``guidance/rules.py``)."""
+    """Score-distillation rule: any key of the rules table (``nfsd``, ``sds``, ``vsd``; ``guidance/rules.py``)."""
     scale: Optional[float] = None
-    """Guidance scale; unset means the rule's default (NFSD 7.5, SDS 100)."""
+    """Guidance scale; unset means the rule's default (NFSD 7.5, SDS 100, VSD 7.5)."""
     negative_prompt: Optional[str] = None
-    """Negative prompt; unset means the paper's for NFSD and the empty prompt for SDS."""
+    """Negative prompt; unset means the paper's for NFSD and the empty prompt for SDS and VSD."""
     t_min: float = 0.02
     """Lowest diffusion time, as a fraction of the training schedule."""
     t_max: float = 0.98
     """Highest diffusion time at the start of training."""
     t_max_end: Optional[float] = None
     """If set, t_max is annealed linearly to this value over training."""
+    t_max_after: Optional[float] = None
+    """If set, t_max becomes this value after step ``t_max_after_step`` (threestudio's VSD code: 0.5 after
+    5000; its prolificdreamer config turns it off)."""
+    t_max_after_step: int = 5000
+    """The training step after which ``t_max_after`` applies."""
+    lora_rank: int = 4
+    """VSD: rank of the LoRA adapters on the UNet's attention projections (threestudio's: 4)."""
+    lora_lr: float = 1e-4
+    """VSD: AdamW learning rate of the LoRA adapters and the camera embedding (threestudio's: 1e-4)."""
     weighting: Literal["sds", "uniform"] = "sds"
     """w(t): "sds" is 1 - alphas_cumprod[t]; "uniform" is 1."""
     grad_clip: Optional[float] = None

@@ -3,7 +3,8 @@
 Everything but the rule itself is shared (docs/design.md, sections 1.1 and 2): sample ``t`` and the noise,
 noise the latents, ask the prior for every prediction the rule needs in ONE batched call without
 an autograd graph, apply the rule (:mod:`.rules`), and hand the gradient to autograd through the
-surrogate ``0.5 * ||z - stopgrad(z - grad)||^2 / B``, whose derivative in ``z`` is ``grad / B``.
+surrogate ``0.5 * ||z - stopgrad(z - grad)||^2 / B``, whose derivative in ``z`` is ``grad / B``. A rule
+with state (VSD) adds its own prediction before the rule and its own training step after it.
 """
 
 from __future__ import annotations
@@ -43,6 +44,14 @@ def annealed_t_max(t_min: float, t_max: float, t_max_end: float | None, progress
     return max(t_min, t_max + (t_max_end - t_max) * progress)
 
 
+def stepped_t_max(t_max: float, t_min: float, t_max_after: float | None, after_step: int, step: int | None) -> float:
+    """``t_max_after`` (never below ``t_min``) once ``step > after_step``, else ``t_max`` (threestudio's
+    VSD anneal: ``max_step_percent_annealed`` after ``anneal_start_step``); no step, no change."""
+    if t_max_after is None or step is None or step <= after_step:
+        return t_max
+    return max(t_min, t_max_after)
+
+
 def surrogate_loss(z: Tensor, grad: Tensor) -> Tensor:
     """Scalar ``0.5 * ||z - stopgrad(z - grad)||^2 / B``: its gradient in ``z`` [B, ...] is ``grad / B``."""
     target = (z - grad).detach()
@@ -56,13 +65,16 @@ class ScoreDistillation:
     def __init__(self, prior: DiffusionPrior, cfg: "GuidanceConfig", prompts: "PromptsConfig | None" = None,
                  prompt: str | None = None):
         """``prompts`` and ``prompt`` (the run's ``prompts`` section and text prompt) are needed for
-        Perp-Neg only: its rows use every view's prompt."""
+        Perp-Neg: its rows use every view's prompt; a rule's state (VSD) gets ``prompt`` without view
+        suffixes, or the given prompts where it is None. Builds the rule's state, if it has one."""
         from ..config import check_guidance, with_rule_defaults
 
         check_guidance(cfg)
         self.cfg = with_rule_defaults(cfg)
         self.prior = prior
         self.rule = RULES[cfg.method]
+        self.prompt = prompt
+        self.state = self.rule.state(prior, self.cfg) if self.rule.state is not None else None
         self.scale: float = self.cfg.scale
         self.negative_prompt: str = self.cfg.negative_prompt
         self.uncond_prompt = self.negative_prompt if self.rule.negative_replaces_uncond else ""
@@ -83,16 +95,19 @@ class ScoreDistillation:
         cameras: "Cameras | None",
         progress: float,
         generator: torch.Generator,
+        step: int | None = None,
     ) -> tuple[Tensor, dict]:
         """rgb [B, 3, H, W] in [0, 1], one prompt and camera per view -> (scalar loss, info).
 
-        ``progress`` in [0, 1] anneals ``t_max``; every random draw comes from ``generator``.
+        ``progress`` in [0, 1] anneals ``t_max``, ``step`` (training steps done) drops it after
+        ``t_max_after_step``; every random draw comes from ``generator``.
         info: ``t`` (list of B ints), ``grad_norm`` (0-dim tensor on the latents' device, L2 norm of
-        the whole gradient; left on the device so the caller decides when to synchronise).
+        the whole gradient; left on the device so the caller decides when to synchronise), and for
+        rules with state ``state_losses`` ({name: 0-dim tensor}, e.g. VSD's ``lora``).
         """
         with stage("encode"):
             z = self.prior.encode(rgb)
-        return self.loss_from_latents(z, prompts, cameras, progress, generator)
+        return self.loss_from_latents(z, prompts, cameras, progress, generator, step)
 
     def loss_from_latents(
         self,
@@ -101,6 +116,7 @@ class ScoreDistillation:
         cameras: "Cameras | None",
         progress: float,
         generator: torch.Generator,
+        step: int | None = None,
     ) -> tuple[Tensor, dict]:
         """Like :meth:`loss` for latents z [B, C, h, w] already in the prior's space (the 2D experiment)."""
         prior, batch = self.prior, z.shape[0]
@@ -110,6 +126,7 @@ class ScoreDistillation:
         # 1. Timesteps and noise, drawn from the caller's generator, then moved to the latents.
         g = self.cfg
         t_max = annealed_t_max(g.t_min, g.t_max, g.t_max_end, progress)
+        t_max = stepped_t_max(t_max, g.t_min, g.t_max_after, g.t_max_after_step, step)
         t_cpu = sample_timesteps(batch, prior.num_train_timesteps, g.t_min, t_max, generator).cpu()
         noise = torch.randn(z.shape, generator=generator, device=generator.device).to(z.device, torch.float32)
         t = t_cpu.to(z.device)
@@ -119,9 +136,13 @@ class ScoreDistillation:
             ab = prior.alphas_cumprod[t].float().reshape(-1, *([1] * (z.dim() - 1)))
             z_t = ab.sqrt() * z.detach().float() + (1.0 - ab).sqrt() * noise
 
-            # 3. One batched prediction: cond (B) + uncond (B) + negative rows only where needed.
+            # 3. One batched prediction: cond (B) + uncond (B) + negative rows only where needed;
+            #    a rule's state adds its own (VSD: the LoRA model's, B rows).
             with stage("noise_prediction"):
                 cond, uncond, negative = self._predict(z_t, t, t_cpu, prompts, cameras)
+                # The state's model sees the prompt without view suffixes (threestudio's VSD).
+                state_prompts = prompts if self.prompt is None else [self.prompt] * batch
+                estimate = None if self.state is None else self.state.predict(z_t, t, state_prompts, cameras)
 
         # 4. The rule.
         with stage("rule"), torch.no_grad():
@@ -134,14 +155,21 @@ class ScoreDistillation:
                 weight=weight_from_timesteps(prior.alphas_cumprod, t, g.weighting),
                 scale=self.scale,
                 threshold=self.threshold,
+                estimate=estimate,
             )
             grad = self.rule.grad(predictions)
             if g.grad_clip is not None:
                 grad = grad.clamp(-g.grad_clip, g.grad_clip)
+        info = {"t": t_cpu.tolist(), "grad_norm": grad.norm()}
 
-        # 5. The surrogate loss carries ``grad`` back into whatever produced z.
+        # 5. The rule's state learns from this step's latents (after its prediction was used).
+        if self.state is not None:
+            with stage("rule_state"):
+                info["state_losses"] = self.state.train(z.detach(), state_prompts, cameras, generator)
+
+        # 6. The surrogate loss carries ``grad`` back into whatever produced z.
         loss = surrogate_loss(z.float(), grad)
-        return loss, {"t": t_cpu.tolist(), "grad_norm": grad.norm()}
+        return loss, info
 
 
     def _predict(self, z_t: Tensor, t: Tensor, t_cpu: Tensor, prompts: list[str], cameras: "Cameras | None"):

@@ -10,7 +10,8 @@ samples need the negative-prompt prediction; :class:`~nfsd_nerf.guidance.distill
 does everything else (sampling, batching, the surrogate loss) identically for every rule. Adding a
 rule means one function here and one entry in :data:`RULES`: ``guidance.method`` accepts any key
 of the table, the command line's ``--guidance`` help lists it, and the contract tests run over every
-entry (docs/design.md, "Adding a score-distillation rule").
+entry (docs/design.md, "Adding a score-distillation rule"). A rule that learns during the run (VSD's
+LoRA model) also names a factory of its :class:`RuleState`; the gradient stays a pure function.
 
 This module does not import torch (the functions only call tensor methods), so the command line can
 read the table for its help text without paying for torch.
@@ -19,10 +20,15 @@ read the table for its help text without paying for torch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal, Protocol
 
 if TYPE_CHECKING:
+    import torch
     from torch import Tensor
+
+    from ..cameras import Cameras
+    from ..config import GuidanceConfig
+    from .prior import DiffusionPrior
 
 PAPER_NEGATIVE_PROMPT = (
     "unrealistic, blurry, low quality, out of focus, ugly, low contrast, dull, dark, low-resolution, gloomy"
@@ -84,6 +90,17 @@ def sds_grad(eps_cond: Tensor, eps_uncond: Tensor, noise: Tensor, weight: Tensor
     return _per_sample(weight, noise).to(noise.dtype) * (eps_cfg - noise)
 
 
+def vsd_grad(eps_cond: Tensor, eps_uncond: Tensor, eps_estimate: Tensor, weight: Tensor, scale: float) -> Tensor:
+    """Variational Score Distillation (ProlificDreamer): ``w(t) * (e(0) + s * (e(y) - e(0)) - e_lora)``.
+
+    ``e_lora`` is the LoRA model's prediction for the same ``z_t`` (the score of the distribution of
+    renders, learnt during the run); it takes the place of SDS's ``eps``. CFG as in diffusers and SDS
+    (threestudio's VSD uses the same convention: no ``+ 1`` on its scale).
+    """
+    eps_cfg = eps_uncond + scale * (eps_cond - eps_uncond)
+    return _per_sample(weight, eps_estimate).to(eps_estimate.dtype) * (eps_cfg - eps_estimate)
+
+
 @dataclass
 class Predictions:
     """Everything a rule may read at one step; tensors [B, C, H, W] unless noted."""
@@ -91,7 +108,7 @@ class Predictions:
     cond: Tensor
     """e(y): the prompt (one per view)."""
     uncond: Tensor
-    """e(0): the unconditional prompt of the rule (empty, or the negative prompt for SDS)."""
+    """e(0): the unconditional prompt of the rule (empty, or the negative prompt for SDS and VSD)."""
     negative: Tensor | None
     """e(neg) where :attr:`Rule.negative_mask` is set, zeros elsewhere; None if the rule has no such branch."""
     noise: Tensor
@@ -104,6 +121,30 @@ class Predictions:
     """Guidance scale s."""
     threshold: int
     """NFSD switch time on this prior's schedule."""
+    estimate: Tensor | None = None
+    """The rule state's own prediction for ``z_t`` (VSD: the LoRA model's ``e_lora(z_t; y, c)``); None
+    for rules without state."""
+
+
+class RuleState(Protocol):
+    """What a rule that learns during the run keeps between steps (VSD: LoRA adapters on the prior's
+    UNet, a camera embedding, their optimiser). :class:`~nfsd_nerf.guidance.distill.ScoreDistillation`
+    calls the first two hooks each step; the trainer checkpoints the state with the last two, so a
+    resumed run continues it exactly."""
+
+    def predict(self, z_t: Tensor, t: Tensor, prompts: list[str], cameras: "Cameras | None") -> Tensor:
+        """The state's noise prediction [B, C, h, w] float32 for z_t [B, C, h, w], t [B]; no graph."""
+
+    def train(self, z: Tensor, prompts: list[str], cameras: "Cameras | None",
+              generator: "torch.Generator") -> dict[str, Tensor]:
+        """One optimisation step on the detached latents z [B, C, h, w] (draws from ``generator``);
+        returns named 0-dim losses for the metrics."""
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Every tensor needed to continue bitwise (weights, optimiser state), CPU-movable, by name."""
+
+    def load_state_dict(self, tensors: dict[str, Tensor]) -> None:
+        """Restore :meth:`state_dict`'s tensors; a missing or unexpected name is a UserError."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +163,18 @@ class Rule:
     """(t [B], threshold) -> bool [B]: samples that need a separate negative-prompt prediction."""
     description: str = ""
     """One line for the command line's help."""
+    state: Callable[["DiffusionPrior", "GuidanceConfig"], RuleState] | None = None
+    """Builds the rule's :class:`RuleState` for a prior and settings; None for pure rules (NFSD, SDS)."""
+    needs_unet: bool = False
+    """True: the state trains on the prior's UNet, which only Stable Diffusion has (refused with the
+    built-in prior before anything loads)."""
+
+
+def vsd_state(prior: "DiffusionPrior", cfg: "GuidanceConfig") -> RuleState:
+    """VSD's LoRA model on ``prior``'s UNet (:class:`.vsd.VSDState`, imported only when a run uses it)."""
+    from .vsd import VSDState
+
+    return VSDState(prior, cfg)
 
 
 RULES: dict[str, Rule] = {
@@ -140,6 +193,16 @@ RULES: dict[str, Rule] = {
         negative_replaces_uncond=True,
         negative_mask=None,
         description="Score Distillation Sampling (DreamFusion's baseline)",
+    ),
+    "vsd": Rule(
+        grad=lambda p: vsd_grad(p.cond, p.uncond, p.estimate, p.weight, p.scale),
+        default_scale=7.5,
+        default_negative_prompt="",
+        negative_replaces_uncond=True,
+        negative_mask=None,
+        description="Variational Score Distillation (ProlificDreamer's LoRA model; Stable Diffusion only)",
+        state=vsd_state,
+        needs_unet=True,
     ),
 }
 """Rule name -> rule. ``GuidanceConfig.method`` names one of these."""

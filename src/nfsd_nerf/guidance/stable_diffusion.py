@@ -14,6 +14,7 @@ is cheap.
 from __future__ import annotations
 
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -31,6 +32,9 @@ if TYPE_CHECKING:
 
 
 # --------------------------------------------------------------------------- the prior
+
+LORA_ADAPTER = "vsd"
+"""Name of the peft adapter :meth:`StableDiffusionPrior.add_lora` puts on the UNet."""
 
 
 class StableDiffusionPrior(DiffusionPrior):
@@ -64,6 +68,7 @@ class StableDiffusionPrior(DiffusionPrior):
         self._offload_text_encoder = self.device.type == "cuda"
         self._memory_format = torch.channels_last if self.device.type == "cuda" else torch.contiguous_format
         self.grad_scaler = GradientScaler() if dtype == torch.float16 else None
+        self._lora_layers: list[torch.nn.Module] = []
 
     @classmethod
     def from_folder(cls, folder: Path, *, model_id: str, revision: str | None, device: torch.device | str = "cpu",
@@ -125,14 +130,70 @@ class StableDiffusionPrior(DiffusionPrior):
 
         v- and sample-prediction models are converted to epsilon exactly.
         """
+        return self.eps_from_output(self.model_output(z_t, t, embeddings), z_t, t)
+
+    # ---- LoRA hooks (VSD, guidance/vsd.py): the raw UNet, adapters, a class embedding
+
+    def model_output(self, z_t: Tensor, t: Tensor, embeddings: Tensor, class_labels: Tensor | None = None) -> Tensor:
+        """The UNet's raw output [N, 4, h, w] float32 (epsilon, v or sample: ``prediction_type``) for
+        ``z_t`` [N, 4, h, w], integer ``t`` [N]; differentiable in trainable weights when grad is on.
+        ``class_labels`` [N, D] feed a class embedding set by :meth:`lora` (VSD's camera condition)."""
         t = t.to(self.device)
         z_in = z_t.to(self.device, self.dtype).contiguous(memory_format=self._memory_format)
-        out = self.unet(z_in, t, encoder_hidden_states=embeddings.to(self.device, self.dtype)).sample.float()
+        extra = {} if class_labels is None else {"class_labels": class_labels.to(self.device)}
+        return self.unet(z_in, t, encoder_hidden_states=embeddings.to(self.device, self.dtype), **extra).sample.float()
+
+    def eps_from_output(self, out: Tensor, z_t: Tensor, t: Tensor) -> Tensor:
+        """:meth:`model_output` [N, 4, h, w] -> epsilon [N, 4, h, w] float32 (exact conversions)."""
+        t = t.to(self.device)
         if self.prediction_type == "v_prediction":
             return eps_from_v_prediction(out, z_t.float(), self.alphas_cumprod[t])
         if self.prediction_type == "sample":
             return eps_from_sample_prediction(out, z_t.float(), self.alphas_cumprod[t])
         return out
+
+    def add_lora(self, rank: int) -> dict[str, torch.nn.Parameter]:
+        """Fresh LoRA adapters of rank ``rank`` on every attention projection (to_q, to_k, to_v,
+        to_out.0) of the UNet, replacing earlier ones (a batch worker reuses its prior); returns
+        {name: parameter}, fp32 even on an fp16 UNet (Adam's small steps survive).
+
+        Scale 1 (alpha = rank) and A ~ N(0, 1/rank^2), B = 0, as diffusers' LoRA attention processors
+        that threestudio's VSD uses: the adapted UNet starts equal to the pretrained one. Adapters
+        stay off outside :meth:`lora`, so :meth:`predict_noise` is always the pretrained model.
+        """
+        from peft import LoraConfig
+        from peft.tuners.tuners_utils import BaseTunerLayer, cast_adapter_dtype
+
+        unet = self.unet
+        if LORA_ADAPTER in (getattr(unet, "peft_config", None) or {}):
+            unet.delete_adapters(LORA_ADAPTER)
+        unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                    target_modules=["to_q", "to_k", "to_v", "to_out.0"]), adapter_name=LORA_ADAPTER)
+        cast_adapter_dtype(unet, LORA_ADAPTER)
+        # unet.enable_adapters() walks every module; toggling the adapted layers alone is 3x cheaper
+        self._lora_layers = [m for m in unet.modules() if isinstance(m, BaseTunerLayer)]
+        self._toggle_lora(False)
+        return {name: p for name, p in unet.named_parameters() if f".{LORA_ADAPTER}." in name}
+
+    @contextmanager
+    def lora(self, class_embedding: torch.nn.Module):
+        """Within: the UNet runs with the adapters of :meth:`add_lora` and ``class_embedding`` (its
+        ``class_labels`` input); outside, the pretrained UNet, whatever happens inside."""
+        if not self._lora_layers:
+            raise RuntimeError("no LoRA adapters: call add_lora first")
+        unet, previous = self.unet, self.unet.class_embedding
+        self._toggle_lora(True)
+        unet.class_embedding = class_embedding
+        try:
+            yield
+        finally:
+            unet.class_embedding = previous
+            self._toggle_lora(False)
+
+    def _toggle_lora(self, enabled: bool) -> None:
+        """What ``unet.enable_adapters()`` / ``disable_adapters()`` do, on the adapted layers only."""
+        for layer in self._lora_layers:
+            layer.enable_adapters(enabled)
 
     # ---- text
 

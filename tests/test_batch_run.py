@@ -208,6 +208,13 @@ def test_an_edited_plan_leaves_stale_runs_alone_unless_asked_and_extends_longer_
     assert {r["action"] for r in json.loads((root / "batch.json").read_text())["runs"]} == {"resume"}
 
 
+def _as_from_a_terminal() -> None:
+    """Child-process set-up: SIGINT delivered and handled by default, as a shell leaves it (the test
+    runner's own state, inherited across fork/exec, may have it blocked or ignored)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.mark.slow
 def test_ctrl_c_saves_every_running_run_and_the_same_command_resumes(tmp_path):
     pytest.importorskip("ray")
@@ -219,7 +226,7 @@ def test_ctrl_c_saves_every_running_run_and_the_same_command_resumes(tmp_path):
     command = [str(Path(sys.executable).parent / "nfsd-nerf"), "batch", str(path), "--out", str(tmp_path)]
     # its own process group, as a terminal's foreground job: Ctrl-C goes to the whole group
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=_as_from_a_terminal)
     deadline = time.monotonic() + 120
     while not (metrics.exists() and metrics.read_text().count("\n") >= 20):
         assert proc.poll() is None, proc.stdout.read()

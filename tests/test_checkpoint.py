@@ -1,6 +1,5 @@
 """Checkpoints: round trip, every way a file can be bad, which file a run uses, and 0.1.0 files."""
 
-import json
 from pathlib import Path
 
 import pytest
@@ -40,7 +39,8 @@ def saved(tmp_path, cfg=None, step=7, with_optimizer=True) -> tuple[Path, dict]:
 def test_round_trip_restores_every_part(tmp_path):
     path, original = saved(tmp_path)
     ckpt = read_checkpoint(path)
-    assert ckpt.config == original["config"] and ckpt.step == 7 and ckpt.meta["skipped_steps"] == "2"
+    assert ckpt.config == original["config"] and ckpt.step == 7 and ckpt.skipped_steps == 2
+    assert ckpt.encoder_overflow_steps == 0 and ckpt.loss_scale is None  # absent: the defaults
     assert torch.equal(ckpt.section("rng")["generator"], original["rng"]["generator"])
     run = load_run(tmp_path, path)
     for name, module in original["scene"].modules().items():
@@ -51,7 +51,7 @@ def test_round_trip_restores_every_part(tmp_path):
     state = ckpt.section("optimizer.state")
     n_params = len(list(original["scene"].field.parameters()))
     assert set(state) == {f"{i}.{name}" for i in range(n_params) for name in ("step", "exp_avg", "exp_avg_sq")}
-    assert json.loads(ckpt.meta["param_groups"])[0]["lr"] == 0.01
+    assert ckpt.param_groups[0]["lr"] == 0.01 and set(ckpt.optimizer_state) == set(range(n_params))
 
 
 def test_files_are_atomic_and_tensors_stored_fp32_on_the_cpu(tmp_path):

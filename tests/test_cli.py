@@ -44,7 +44,7 @@ def test_console_script_starts_without_importing_heavy_libraries():
         (["train", "a red cube", "--model", "builtin", "--set", "render.size=big"], "render.size"),
         (["train", "a red cube", "--model", "builtin", "--steps", "0"], "must be positive"),
         (["train", "a red cube", "--model", "builtin", "--size", "-4"], "must be positive"),
-        (["train", "a red cube", "--model", "builtin", "--guidance", "vsd"], "known: nfsd, sds"),
+        (["train", "a red cube", "--model", "builtin", "--guidance", "sjc"], "known: nfsd, sds, vsd"),
         (["train", "a red cube", "--model", "builtin", "--device", "tpu"], "train.device"),
         (["train", "--resume", "/nonexistent/run"], "resume folder not found"),
         (["train", "--resume", "/nonexistent/run", "--set", "render.size=8"], "drop the prompt, --config and --set"),

@@ -111,7 +111,7 @@ def test_merge_keeps_untouched_defaults():
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("guidance.method=vsd", "unknown guidance method 'vsd' (known: nfsd, sds)"),
+        ("guidance.method=sjc", "unknown guidance method 'sjc' (known: nfsd, sds, vsd)"),
         ("guidance.t_min=0.99", "guidance.t_min"),
         ("train.steps=0", "train.steps must be positive"),
         ("render.ambient=2", "render.ambient must be in [0, 1]"),
@@ -148,3 +148,57 @@ def test_rule_defaults_fill_only_unset_values():
     assert with_rule_defaults(GuidanceConfig(method="nfsd", scale=3.0)).scale == 3.0
     assert with_rule_defaults(GuidanceConfig(method="sds")).negative_prompt == ""
     assert with_rule_defaults(GuidanceConfig(method="nfsd", negative_prompt="x")).negative_prompt == "x"
+
+
+def test_a_negative_guidance_scale_is_a_valid_setting():
+    """README, Configuration: s = 0 drops the prompt's direction and s < 0 pushes away from the prompt;
+    both are experiments, so only a non-finite scale is refused."""
+    for scale in ("0", "-1"):
+        check_config(merge(load_config(preset_path("builtin"), [f"guidance.scale={scale}"]), {"prompt": "a red cube"}))
+
+
+@pytest.mark.parametrize("preset", ["default", "builtin", "cpu-tiny"])
+def test_memory_needs_are_below_the_first_renders_and_the_presets_fit_a_small_machine(preset):
+    """The samples counted for a training render never exceed what the marcher makes in the first
+    renders (an all-occupied grid), so the memory check refuses only what would run out; and every
+    preset's needs stay far below 4 GiB, so no real machine refuses them."""
+    import torch
+
+    from nfsd_nerf.cameras import generate_rays
+    from nfsd_nerf.config.checks import RAY_BYTES, SAMPLE_BYTES, run_memory_needs
+    from nfsd_nerf.render.marching import march_rays_cpu, step_size_from_samples
+    from nfsd_nerf.render.occupancy import OccupancyGrid
+    from nfsd_nerf.train.step import sample_views
+
+    cfg = merge(load_config(preset_path(preset)), {"prompt": "a red cube"})
+    assert sum(n.bytes for n in run_memory_needs(cfg)) < 4 << 30
+    cfg = merge(cfg, {"render": {"size": 32}})  # the samples per ray do not depend on the size: fewer rays, faster
+    needs = {n.what: n.bytes for n in run_memory_needs(cfg)}
+    f, r = cfg.field, cfg.render
+    per_sample = SAMPLE_BYTES + 4 * (f.n_levels * f.n_features_per_level + f.hidden_dim)
+    counted = (needs["a training render"] - RAY_BYTES * r.size**2 * r.batch_size) / per_sample
+    grid, generator = OccupancyGrid(f.bound, r.occupancy_resolution), torch.Generator().manual_seed(0)
+    for _ in range(6):
+        views = sample_views(0, cfg, generator, torch.device("cpu"))
+        rays_o, rays_d = (x.reshape(-1, 3) for x in generate_rays(views.cameras, r.size, r.size))
+        samples = march_rays_cpu(rays_o, rays_d, bound=f.bound, step=step_size_from_samples(f.bound, r.n_samples),
+                                 offsets=torch.zeros(len(rays_o)), occupancy=grid)[0]
+        assert 0 < counted <= len(samples), (counted, len(samples))
+
+
+def test_memory_is_the_gpus_where_the_run_uses_cuda_else_the_ram(monkeypatch):
+    import torch
+
+    from nfsd_nerf.config.checks import device_memory
+
+    gpu = type("Properties", (), {"total_memory": 80 << 30, "name": "Fake GPU"})()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda index: gpu)
+    device_memory.cache_clear()
+    try:
+        assert device_memory("auto") == device_memory("cuda:0") == (80 << 30, "GPU memory (Fake GPU)")
+        ram, kind = device_memory("cpu")
+        assert kind == "RAM" and ram > 1 << 30
+    finally:
+        device_memory.cache_clear()

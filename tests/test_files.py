@@ -1,16 +1,20 @@
 """Atomic writes, run folders and output checks."""
 
 import os
+import signal
 import stat
+import subprocess
+import sys
 from datetime import datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from nfsd_nerf.errors import UserError
 from nfsd_nerf.files import (
-    atomic_copy, atomic_target, atomic_write_bytes, check_writable, new_run_dir, slugify, write_files_atomically,
-    write_png,
+    TEMPORARY, atomic_copy, atomic_target, atomic_write_bytes, check_writable, exclusive_lock, new_run_dir,
+    remove_temporaries, slugify, write_files_atomically, write_png,
 )
 
 
@@ -68,3 +72,48 @@ def test_unwritable_output_is_refused_before_work(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="not writable"):
         check_writable(tmp_path / "file" / "runs")
+
+
+def test_temporaries_are_recognised_and_only_they_are_removed(tmp_path):
+    names = []
+    for name in ("latest.safetensors", "metrics.jsonl", "turntable_rgb.mp4", "noext"):
+        with atomic_target(tmp_path / name) as tmp:
+            names.append(tmp.name)
+            assert TEMPORARY.match(tmp.name) and tmp.name.endswith(f".tmp{Path(name).suffix}")  # encoders pick by suffix
+    keep = ["latest.safetensors", ".lock", ".gitignore", ".config.settings.yaml", "step000001.png"]
+    for name in [*names, *keep]:
+        (tmp_path / name).write_bytes(b"x")
+    link_tmp = []
+    real_link = os.link
+    os.link = lambda a, b: (link_tmp.append(os.path.basename(b)), real_link(a, b))[1]
+    try:
+        atomic_copy(tmp_path / "latest.safetensors", tmp_path / "copy.safetensors")
+    finally:
+        os.link = real_link
+    assert TEMPORARY.match(link_tmp[0])
+    before = set(os.listdir(tmp_path))
+    assert sorted(p.name for p in remove_temporaries(tmp_path)) == sorted(names)
+    assert set(os.listdir(tmp_path)) == before - set(names) and set(keep) <= before
+    assert remove_temporaries(tmp_path / "missing") == []
+
+
+def test_a_lock_refuses_a_second_holder_and_dies_with_its_process(tmp_path):
+    lock = tmp_path / ".lock"
+    with exclusive_lock(lock, "busy"):
+        with pytest.raises(UserError, match=rf"^busy \(pid {os.getpid()} on "):
+            with exclusive_lock(lock, "busy"):
+                pass
+    with exclusive_lock(lock, "busy"):  # released with the block
+        pass
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from nfsd_nerf.files import exclusive_lock\n"
+         f"with exclusive_lock({str(lock)!r}, 'busy'):\n    print('held', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(UserError, match=rf"pid {holder.pid} on "):
+        with exclusive_lock(lock, "busy"):
+            pass
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    with exclusive_lock(lock, "busy"):  # kill -9 leaves no stale lock
+        pass

@@ -22,7 +22,7 @@ class StubDistill:
     def __init__(self, nan_steps=()):
         self.calls, self.nan_steps = [], set(nan_steps)
 
-    def loss(self, image, prompts, cameras, progress, generator):
+    def loss(self, image, prompts, cameras, progress, generator, step=None):
         self.calls.append({"shape": tuple(image.shape), "prompts": prompts, "progress": progress})
         loss = image.mean() * (float("nan") if len(self.calls) - 1 in self.nan_steps else 1.0)
         return loss, {"t": [500] * image.shape[0], "grad_norm": torch.tensor(0.25)}

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
+from typer.core import TyperGroup
 
 from . import __version__
 from .config import DEFAULT_MODEL
@@ -16,7 +18,60 @@ from .guidance.rules import rules_help
 
 DEVICE_HELP = "auto (CUDA when available), cuda or cpu."
 
+
+def _click_exceptions():
+    """The exceptions module of the click that typer runs on (vendored as ``typer._click`` in recent typer)."""
+    try:
+        from typer._click import exceptions
+    except ImportError:  # older typer: click itself
+        from click import exceptions
+    return exceptions
+
+
+@contextmanager
+def _one_line_usage_errors():
+    """Turn click's usage errors (an option value of the wrong type, an unknown option or command, a
+    missing argument) into the one line and exit code 2 of every other error, instead of a usage box."""
+    exceptions = _click_exceptions()
+    try:
+        yield
+    except getattr(exceptions, "NoArgsIsHelpError", ()):  # bare `nfsd-nerf`: the help, as click shows it
+        raise
+    except exceptions.UsageError as exc:
+        fail(_usage_message(exc, exceptions))
+
+
+def _usage_message(exc, exceptions) -> str:
+    """``--steps: 'abc' is not a valid integer``; other usage errors as click words them, with where to look."""
+    param = getattr(exc, "param", None)
+    if isinstance(exc, exceptions.BadParameter) and not isinstance(exc, exceptions.MissingParameter) and param:
+        detail = exc.message
+        errors = getattr(exc.__cause__, "errors", None)  # typer's pydantic coercion: the value is in the cause
+        first = (errors() or [{}])[0] if callable(errors) else {}
+        if "input" in first:
+            detail = str(first["msg"]).split(",")[0]
+            if detail.startswith("Input should be "):
+                detail = f"{first['input']!r} is not {detail.removeprefix('Input should be ')}"
+        return f"{exc.param_hint or '/'.join(param.opts)}: {detail}"
+    where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
+    return f"{exc.format_message()}{where}"
+
+
+class _Commands(TyperGroup):
+    """Typer's command group with usage errors in one line (:func:`_one_line_usage_errors`), so that they
+    read like every other error, through the console script and ``CliRunner`` alike."""
+
+    def make_context(self, *args, **kwargs):
+        with _one_line_usage_errors():
+            return super().make_context(*args, **kwargs)
+
+    def invoke(self, ctx):
+        with _one_line_usage_errors():
+            return super().invoke(ctx)
+
+
 app = typer.Typer(
+    cls=_Commands,
     name="nfsd-nerf",
     help="Text-to-3D with Noise-Free Score Distillation: train a hash-grid NeRF from a prompt, "
     "then export meshes and turntable videos.",
@@ -51,8 +106,11 @@ def _run(action):
     """Run a command body: user errors become one line + exit 2, Ctrl-C exits 130 quietly."""
     from .runtime import prepare_process
 
+    from .guidance.hub import check_hub_environment
+
     prepare_process()  # large-tensor CPU work in every command: ~2x on the hash grid
     try:
+        check_hub_environment()  # before anything imports huggingface_hub, which fails on them with a traceback
         return action()
     except UserError as exc:
         fail(str(exc))
@@ -98,9 +156,9 @@ def train(
         console = Console(soft_wrap=True)
         try:
             result = run_training(cfg, out=out, resume=ckpt, run_dir=resume, console=console)
-        except Interrupted as stop:
+        except Interrupted as stop:  # raised only once a checkpoint exists, so the command below works
             run_dir = stop.checkpoint.parent.parent
-            console.print(f"\n[yellow]interrupted[/]: saved {stop.checkpoint}")
+            console.print(f"\n[yellow]interrupted[/]: {stop.checkpoint} holds step {stop.step}")
             console.print(f"resume with: [bold]nfsd-nerf train --resume {run_dir}[/]")
             raise typer.Exit(code=130)
         _print_summary(console, result.run_dir, result.summary)
@@ -244,10 +302,11 @@ def render_video(
     def body():
         from rich.console import Console
 
-        from .export.video import render_run_video
+        from .export.video import check_video_inputs, render_run_video
 
         console = Console(soft_wrap=True)
         mode_list = tuple(m.strip() for m in modes.split(",") if m.strip())
+        check_video_inputs(frames, size, fps, elevation, mode_list)  # before the progress bar prints
 
         def announce(seconds: float) -> None:
             console.print(f"{frames} frames at {size}x{size} ({', '.join(mode_list)}): about {_duration(seconds)} on this machine")
@@ -324,6 +383,7 @@ def image(
         from rich.console import Console
 
         from .config import GuidanceConfig
+        from .config.checks import check_drawn_prompt, check_image_options
         from .files import check_writable, slugify
         from .guidance import load_prior
         from .guidance.image import check_image_request, optimize_image
@@ -332,16 +392,18 @@ def image(
         # 1. Check inputs
         if not prompt.strip():
             raise UserError("the prompt is empty")
-        if steps <= 0:
-            raise UserError(f"--steps must be positive, got {steps}")
         if perp_neg:
             raise UserError("--perp-neg needs view-dependent prompts from 3D cameras; the 2D experiment has one view")
+        check_image_options(steps=steps, lr=lr, seed=seed)
+        check_drawn_prompt(prompt, model)
+        if source_prompt is not None:
+            check_drawn_prompt(source_prompt, model)
         settings = GuidanceConfig(model=model, revision=revision, offline=offline, method=guidance, scale=scale,
                                   negative_prompt=negative_prompt)
         source = check_image_request(settings, edit, source_prompt)  # and reads --edit
         torch_device = resolve_device(device)
         folder = out / slugify(prompt)
-        check_writable(folder)
+        check_writable(out)  # not the folder: it is made when the PNGs are written, so an error leaves none
         # 2. Prior, then the optimisation
         console = Console(soft_wrap=True)
         prior = load_prior(model, revision=revision, device=torch_device, offline=offline, image_size=64)
@@ -374,12 +436,14 @@ def decompose(
         from rich.console import Console
 
         from .config import BUILTIN_MODEL
+        from .config.checks import check_seed
         from .files import check_writable, slugify
         from .guidance import load_prior
         from .guidance.decompose import check_inputs, check_timesteps, parse_timesteps, run_decomposition
         from .runtime import resolve_device
 
         # 1. Check inputs and read the images before anything loads or is written
+        check_seed(seed, "--seed")
         times = parse_timesteps(timesteps)
         in_domain, outside, sources = check_inputs(prompt, image, ood, builtin=model == BUILTIN_MODEL)
         torch_device = resolve_device(device)
@@ -388,7 +452,7 @@ def decompose(
         prior = load_prior(model, revision=revision, device=torch_device, offline=offline, image_size=64)
         check_timesteps(times, prior.num_train_timesteps)
         folder = out / slugify(prompt)
-        check_writable(folder)
+        check_writable(out)  # the folder itself is made when the figure is written
         with console.status(f"decomposing at t = {', '.join(map(str, times))}..."):
             paths = run_decomposition(prior, prompt, out_dir=folder, timesteps=times, in_domain=in_domain, ood=outside,
                                       sources=sources, seed=seed)

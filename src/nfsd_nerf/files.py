@@ -3,13 +3,17 @@
 A crash, a full disk or Ctrl-C never leaves a half-written file under its final name: data is
 written to a temporary name in the same folder (so the rename cannot cross file systems),
 flushed to disk, given the user's umask (``mkstemp`` would make it private) and renamed into
-place with ``os.replace``.
+place with ``os.replace``. Temporary names (``.<stem>.<8 random>.tmp<suffix>``, the suffix kept
+for encoders that pick a format by it) are recognisable, so that a process that holds a folder's
+lock (:func:`exclusive_lock`) can remove those a killed writer left (:func:`remove_temporaries`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import secrets
+import socket
 import tempfile
 import time
 from contextlib import ExitStack, contextmanager
@@ -33,7 +37,7 @@ def atomic_target(path: Path | str) -> Iterator[Path]:
     For writers that need a file name rather than bytes (video encoders, ``safetensors.save_file``).
     """
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -59,7 +63,7 @@ def atomic_copy(source: Path | str, target: Path | str) -> Path:
     """Make ``target`` a complete copy of ``source`` atomically: a hard link where the file system
     has them (checkpoints are never modified in place, only replaced), else a copy."""
     source, target = Path(source), Path(target)
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.link")
+    tmp = target.with_name(f".{target.stem}.{secrets.token_hex(4)}.tmp{target.suffix}")
     try:
         os.link(source, tmp)
         os.replace(tmp, target)
@@ -88,6 +92,59 @@ def write_files_atomically(folder: Path | str, files: dict[str, bytes]) -> list[
         return [folder / name for name in files]
     except OSError as exc:
         raise UserError(f"cannot write to {folder}: {exc.strerror or exc}") from None
+
+
+TEMPORARY = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp(\.[A-Za-z0-9]+)?$")
+"""Names :func:`atomic_target` and :func:`atomic_copy` give their temporary files."""
+
+
+def remove_temporaries(folder: Path | str) -> list[Path]:
+    """Remove the temporary files of atomic writes in ``folder`` (not below it) that a killed
+    process left; returns them. Call it only while holding the lock of every process that writes
+    there (:func:`exclusive_lock`): a live writer's temporary file looks the same."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:  # no such folder (yet), or not readable: nothing to clear
+        return removed
+    for entry in entries:
+        if TEMPORARY.match(entry.name) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except OSError:  # gone already, or not ours to remove: harmless either way
+                continue
+            removed.append(Path(entry.path))
+    return removed
+
+
+@contextmanager
+def exclusive_lock(path: Path | str, busy: str) -> Iterator[None]:
+    """Hold an OS lock (``flock``) on the file ``path`` (created if needed) for the block.
+
+    The kernel drops it when the block ends or the process dies, ``kill -9`` included, so no lock is
+    ever left stale. While it is held, another process (or another call in this one) gets a
+    :class:`UserError`: ``"<busy> (pid N on HOST)"``, the holder as it wrote itself into the file.
+    """
+    import fcntl
+
+    path = Path(path)
+    try:
+        handle = open(path, "a+")
+    except OSError as exc:
+        raise UserError(f"cannot create the lock file {path}: {exc.strerror or exc}") from None
+    with handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().strip() or "pid unknown"
+            raise UserError(f"{busy} ({holder})") from None
+        except OSError as exc:  # a file system without locks (ENOLCK): say so rather than run unprotected
+            raise UserError(f"cannot lock {path}: {exc.strerror or exc}") from None
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
+        yield
 
 
 def check_writable(folder: Path | str) -> None:

@@ -7,16 +7,13 @@ checkpoint before the batch exits.
 
 from __future__ import annotations
 
-import os
-import socket
 from collections import deque
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
 from ..errors import UserError
-from ..files import atomic_write_bytes, check_writable
+from ..files import atomic_write_bytes, check_writable, exclusive_lock
 from .folders import inspect_run
 from .plan import BatchPlan
 from .report import BatchReport, LiveTable, RunRecord
@@ -133,23 +130,10 @@ def run_batch(plan: BatchPlan, *, address: str | None = None, restart_stale: boo
         return _run_locked(plan, address, restart_stale, console, backend, live)
 
 
-@contextmanager
 def _exclusive(root: Path):
     """One batch per plan folder at a time: two would train the same runs into the same folders.
     The lock (``flock`` on ``.batch.lock``) goes with the process, however it ends."""
-    import fcntl
-
-    with open(root / ".batch.lock", "a+") as handle:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            handle.seek(0)
-            holder = handle.read().strip() or "pid unknown"
-            raise UserError(f"another nfsd-nerf batch is running in {root} ({holder})") from None
-        handle.truncate(0)
-        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-        handle.flush()
-        yield
+    return exclusive_lock(root / ".batch.lock", f"another nfsd-nerf batch is running in {root}")
 
 
 def _run_locked(plan: BatchPlan, address: str | None, restart_stale: bool, console, backend: Backend | None,

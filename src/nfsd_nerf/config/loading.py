@@ -2,11 +2,14 @@
 
 Unknown keys and values of the wrong type are refused with the key's dotted name (a
 :class:`~nfsd_nerf.errors.UserError`); tuples, which YAML cannot express, are converted from lists.
+The types are the ones the run can compute with: an integer fits torch's int64 and a number is
+finite (no setting means anything by nan or inf; a setting that can be off is unset, None).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from pathlib import Path
@@ -19,6 +22,13 @@ from .sections import Config
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 """Presets shipped inside the package (a link to the repository's top-level ``configs/``)."""
+
+INT_MIN, INT_MAX = -(2**63), 2**63 - 1
+"""The integers a setting may hold: torch computes with int64, and Python's unbounded ints overflow
+there ("Overflow when unpacking long long") long after the run folder exists."""
+
+MAX_CONFIG_BYTES = 1 << 20
+"""Largest config file read (1 MiB; presets are ~2 KiB): /dev/zero or a stray binary is refused, not read forever."""
 
 
 def _coerce(value: Any, annotation: Any, key: str) -> Any:
@@ -45,16 +55,30 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
     if annotation is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise UserError(f"{key}: expected an integer, got {value!r}")
+        if not INT_MIN <= value <= INT_MAX:
+            raise UserError(f"{key}: {_short(value)} is out of range (integers are 64-bit: -2^63 to 2^63-1)")
         return value
     if annotation is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"{key}: expected a number, got {value!r}")
-        return float(value)
+        try:
+            number = float(value)
+        except OverflowError:  # an integer beyond float's range
+            number = math.inf
+        if not math.isfinite(number):
+            raise UserError(f"{key}: expected a finite number, got {_short(value)}")
+        return number
     if annotation is str:
         if not isinstance(value, str):
             raise UserError(f"{key}: expected a string, got {value!r}")
         return value
     raise TypeError(f"unsupported annotation {annotation!r} for {key}")  # a bug, not user input
+
+
+def _short(value: Any) -> str:
+    """A value for a one-line message: a 400-digit integer is cut, not printed."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:20]}... ({len(text)} characters)"
 
 
 def _hints(cls: type) -> dict[str, Any]:
@@ -101,11 +125,18 @@ def parse_override(text: str) -> dict:
 
 
 def read_yaml(path: Path) -> dict:
-    """Read a preset or a run's config; errors name the file."""
+    """Read a preset or a run's config; errors name the file. At most :data:`MAX_CONFIG_BYTES` are
+    read, and only UTF-8 text is parsed (a device or a binary file is refused, not read or decoded)."""
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        with open(path, "rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)
+        if len(raw) > MAX_CONFIG_BYTES:
+            raise UserError(f"config {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB: not a YAML config")
+        data = yaml.safe_load(raw.decode("utf-8"))
     except FileNotFoundError:
         raise UserError(f"config file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"config {path} is not UTF-8 text: not a YAML config") from None
     except (OSError, yaml.YAMLError) as exc:
         raise UserError(f"cannot read config {path}: {str(exc).splitlines()[0]}") from None
     if data is None:

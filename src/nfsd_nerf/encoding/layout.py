@@ -99,19 +99,32 @@ def hash_grid_layout(
 
 
 def check_hyperparameters(
-    n_levels: int, n_features_per_level: int, log2_hashmap_size: int, base_resolution: int, per_level_scale: float
+    n_levels: int, n_features_per_level: int, log2_hashmap_size: int, base_resolution: int, per_level_scale: float,
+    *, prefix: str = "hash grid ",
 ) -> None:
-    """Refuse settings tcnn does not support (or whose tables would not fit) with a :class:`UserError`."""
-    if not isinstance(n_levels, int) or not 1 <= n_levels <= 128:
-        raise UserError(f"hash grid n_levels must be an integer in [1, 128], got {n_levels!r}")
-    if n_features_per_level not in (1, 2, 4, 8):
-        raise UserError(f"hash grid n_features_per_level must be 1, 2, 4 or 8 (as in tcnn), got {n_features_per_level!r}")
-    if not isinstance(log2_hashmap_size, int) or not 1 <= log2_hashmap_size <= 30:
-        raise UserError(f"hash grid log2_hashmap_size must be an integer in [1, 30], got {log2_hashmap_size!r}")
-    if not isinstance(base_resolution, int) or not 1 <= base_resolution <= 2**20:
-        raise UserError(f"hash grid base_resolution must be a positive integer, got {base_resolution!r}")
-    if not isinstance(per_level_scale, (int, float)) or not 1.0 <= per_level_scale <= 16.0:
-        raise UserError(f"hash grid per_level_scale must be a number in [1, 16], got {per_level_scale!r}")
+    """Refuse settings tcnn does not support (or whose tables would not fit) with a :class:`UserError`.
+
+    The one source of these limits: the encoding checks itself, and ``check_config`` calls this with
+    ``prefix="field."`` so that a run refuses them, naming its settings, before its folder exists.
+    """
+    def bad(name: str, need: str, value) -> UserError:
+        return UserError(f"{prefix}{name} must be {need}, got {value!r}")
+
+    def integer_in(value, lo: int, hi: int) -> bool:
+        return not isinstance(value, bool) and isinstance(value, int) and lo <= value <= hi
+
+    if not integer_in(n_levels, 1, 128):
+        raise bad("n_levels", "an integer in [1, 128]", n_levels)
+    if isinstance(n_features_per_level, bool) or n_features_per_level not in (1, 2, 4, 8):
+        raise bad("n_features_per_level", "1, 2, 4 or 8 (as in tcnn)", n_features_per_level)
+    if not integer_in(log2_hashmap_size, 1, 30):
+        raise bad("log2_hashmap_size", "an integer in [1, 30]", log2_hashmap_size)
+    if not integer_in(base_resolution, 1, 2**20):
+        raise bad("base_resolution", "an integer in [1, 2^20]", base_resolution)
+    if (isinstance(per_level_scale, bool) or not isinstance(per_level_scale, (int, float))
+            or not 1.0 <= per_level_scale <= 16.0):  # nan fails the comparison too
+        raise bad("per_level_scale", "a number in [1, 16]", per_level_scale)
     finest = base_resolution * float(per_level_scale) ** (n_levels - 1)
     if finest > 2**22:
-        raise UserError(f"hash grid finest resolution {finest:.0f} is too large (base_resolution * per_level_scale^(n_levels-1) must be <= 2^22)")
+        raise UserError(f"{prefix}base_resolution * per_level_scale^(n_levels-1), the finest resolution, must be "
+                        f"<= 2^22, got {finest:.0f}")

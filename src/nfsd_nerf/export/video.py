@@ -4,7 +4,8 @@ Cameras: :data:`~nfsd_nerf.cameras.TURNTABLE_ORBIT` (distance 2.0, fovy 70 deg) 
 elevation, the light at the camera. Each frame is rendered in ray chunks under ``no_grad`` (a
 512x512 frame fits in CPU memory) and streamed to the encoder, so memory does not grow with the
 frame count (except ``depth``, whose grey scale is normalised over the whole video and so is
-written at the end). Each file is encoded under a temporary name and renamed when complete.
+written at the end). Each file is encoded under a temporary name, read back (every frame must be
+there: the encoder's exit status is not reported) and only then renamed into place.
 
 Modes: ``rgb`` (albedo over the learned background, what training renders), ``shaded``
 (Lambertian), ``textureless`` (white albedo, Lambertian: the geometry alone), ``normal`` (world
@@ -29,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ..cameras import TURNTABLE_ORBIT, Cameras, generate_rays
+from ..config.checks import RAY_BYTES, MemoryNeed, check_memory
 from ..errors import UserError
 from ..files import atomic_target
 from ..runtime import module_device
@@ -122,8 +124,10 @@ def image_from_depth(depth: np.ndarray, opacity: np.ndarray, near: float, far: f
 # --------------------------------------------------------------------------- rendering
 
 
-def check_video_inputs(frames: int, size: int, fps: float, elevation: float, modes: Sequence[str]) -> tuple[str, ...]:
-    """Validate the command's inputs once; returns the modes as a tuple. Messages quote the bad value."""
+def check_video_inputs(frames: int, size: int, fps: float, elevation: float, modes: Sequence[str],
+                       device: str = "cpu") -> tuple[str, ...]:
+    """Validate the command's inputs once, the memory a frame needs on ``device`` included (before the
+    run loads or ``video/`` exists); returns the modes as a tuple. Messages quote the bad value."""
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
         raise UserError(f"frames must be a positive integer, got {frames!r}")
     if isinstance(size, bool) or not isinstance(size, int) or size < 16 or size % 2:
@@ -138,7 +142,18 @@ def check_video_inputs(frames: int, size: int, fps: float, elevation: float, mod
         raise UserError(f"unknown video mode(s) {', '.join(map(repr, unknown)) or '(none)'} (choose from {', '.join(MODES)})")
     if len(set(modes)) != len(modes):
         raise UserError(f"video modes repeat: {','.join(modes)}")
+    check_memory(video_memory_needs(frames, size, modes), device)
     return modes
+
+
+def video_memory_needs(frames: int, size: int, modes: Sequence[str]) -> list[MemoryNeed]:
+    """The least memory :func:`render_turntable` holds: a frame's rays and images (the rays are made
+    for the whole frame, then rendered in chunks), the orbit's cameras, and with ``depth`` every
+    frame's depth (float32) and opacity (float16), kept for the video-wide grey scale."""
+    pixels = size * size
+    buffered = 6 * frames * pixels if "depth" in modes else 0
+    return [MemoryNeed("a video frame", f"--size={size}", (RAY_BYTES + 12 * len(modes)) * pixels),
+            MemoryNeed("the turntable", f"--frames={frames}, --size={size}", 100 * frames + buffered)]
 
 
 @torch.no_grad()
@@ -223,18 +238,23 @@ def estimate_seconds(
     return sum(times) / len(times) * (size / probe) ** 2 * frames
 
 
-@contextmanager
-def _video_writer(path: Path, fps: float, quality: float) -> Iterator:
-    """An imageio writer for ``path`` (GIF by its suffix, else H.264 MP4) that encodes into a
-    temporary file beside it (:func:`~nfsd_nerf.files.atomic_target`): closed and renamed into
-    place when the block ends normally, closed and removed when it raises."""
-    import imageio.v2 as iio
+class _VideoFile:
+    """One output file, encoded into a temporary file beside it (:func:`~nfsd_nerf.files.atomic_target`):
+    :meth:`append` frames, then :meth:`finish` closes the encoder and checks that the file holds every
+    frame; the temporary file is renamed into place only after that (see :func:`_video_file`).
 
-    with atomic_target(path) as tmp:
+    The check is needed because imageio-ffmpeg ignores ffmpeg's exit status: an ffmpeg that runs out of
+    disk space while writing the trailer (``+faststart`` rewrites the whole file at the end) exits in
+    error and leaves a truncated MP4, and closing the writer still succeeds."""
+
+    def __init__(self, path: Path, tmp: Path, fps: float, quality: float):
+        import imageio.v2 as iio
+
+        self.path, self.tmp, self.frames = path, tmp, 0
         if path.suffix == ".gif":
-            writer = iio.get_writer(tmp, format="GIF", mode="I", duration=1000.0 / fps, loop=0)
+            self.writer = iio.get_writer(tmp, format="GIF", mode="I", duration=1000.0 / fps, loop=0)
         else:
-            writer = iio.get_writer(
+            self.writer = iio.get_writer(
                 tmp,
                 format="FFMPEG",
                 mode="I",
@@ -246,15 +266,92 @@ def _video_writer(path: Path, fps: float, quality: float) -> Iterator:
                 ffmpeg_log_level="error",
                 output_params=["-movflags", "+faststart"],
             )
+
+    def append(self, frame: np.ndarray) -> None:
         try:
-            yield writer
+            self.writer.append_data(frame)
+        except OSError as exc:  # the encoder died (its own message went to stderr): broken pipe
+            raise UserError(self._failed(f"the encoder stopped ({_first_line(exc)})")) from None
+        self.frames += 1
+
+    def finish(self) -> None:
+        """Close the encoder; a :class:`UserError` unless the file reads back with every frame."""
+        try:
+            self.writer.close()
+        except OSError as exc:
+            raise UserError(self._failed(f"the encoder failed ({_first_line(exc)})")) from None
+        problem = _gif_problem(self.tmp) if self.path.suffix == ".gif" else _mp4_problem(self.tmp, self.frames)
+        if problem:
+            raise UserError(self._failed(problem))
+
+    def abandon(self) -> None:
+        try:
+            self.writer.close()
+        except Exception:  # the encoder may already be broken; the temporary file goes either way
+            pass
+
+    def _failed(self, problem: str) -> str:
+        import shutil
+
+        try:
+            free = shutil.disk_usage(self.tmp.parent).free
+        except OSError:
+            free = None
+        full = f"; the disk is full ({free} bytes free)" if free is not None and free < 2**20 else ""
+        return f"cannot write the video {self.path}: {problem}{full}; no video was replaced"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _mp4_problem(path: Path, frames: int) -> str | None:
+    """None if ``path`` is a readable video stream of ``frames`` frames, else what is wrong. Reads the
+    packets without decoding them (``-c copy``): milliseconds, even for long videos."""
+    import subprocess
+
+    import imageio_ffmpeg
+
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0",
+           "-c", "copy", "-f", "null", "-progress", "pipe:1", "-"]
+    try:
+        probe = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
+    except OSError as exc:
+        return f"ffmpeg could not read it back ({_first_line(exc)})"
+    counts = [line.split("=", 1)[1].strip() for line in probe.stdout.splitlines() if line.startswith("frame=")]
+    found = int(counts[-1]) if counts and counts[-1].isdigit() else 0
+    errors = probe.stderr.strip()
+    if probe.returncode != 0 or errors or found != frames:
+        detail = f": {errors.splitlines()[-1]}" if errors else ""
+        return f"the file is incomplete, {found} of {frames} frames readable{detail}"
+    return None
+
+
+def _gif_problem(path: Path) -> str | None:
+    """None if every frame of the GIF decodes (frame counts are not compared: identical frames merge)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            image.seek(image.n_frames - 1)
+            image.load()
+    except (OSError, EOFError, ValueError) as exc:
+        return f"the file is incomplete ({_first_line(exc)})"
+    return None
+
+
+@contextmanager
+def _video_file(path: Path, fps: float, quality: float) -> Iterator[_VideoFile]:
+    """A :class:`_VideoFile` on a temporary file: renamed into place when the block ends normally (call
+    :meth:`~_VideoFile.finish` in it first), closed and removed when it raises."""
+    with atomic_target(path) as tmp:
+        video = _VideoFile(path, tmp, fps, quality)
+        try:
+            yield video
         except BaseException:
-            try:
-                writer.close()
-            except Exception:  # the encoder may already be broken; the temp file goes either way
-                pass
+            video.abandon()
             raise
-        writer.close()
 
 
 def render_turntable(
@@ -286,7 +383,7 @@ def render_turntable(
     (One function of numbered stages, longer than most: they share the open writers.)
     """
     # 1. Check inputs
-    modes = check_video_inputs(frames, size, fps, elevation, modes)
+    modes = check_video_inputs(frames, size, fps, elevation, modes, device=str(module_device(field)))
     if normals not in ("depth", "field"):
         raise UserError(f"normals must be 'depth' or 'field', got {normals!r}")
     out_dir = Path(out_dir)
@@ -294,14 +391,14 @@ def render_turntable(
     suffixes = (".mp4", ".gif") if gif else (".mp4",)
 
     # 2. Open one writer per output, each on a temporary file; entered in reverse so that the
-    #    stack, unwinding last-in first-out, closes and renames them in order
+    #    stack, unwinding last-in first-out, renames them in order
     paths = {(mode, suffix): out_dir / f"{name}_{mode}{suffix}" for mode in modes for suffix in suffixes}
-    writers = {}
+    writers: dict[tuple[str, str], _VideoFile] = {}
     with ExitStack() as stack:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             for key in reversed(paths):
-                writers[key] = stack.enter_context(_video_writer(paths[key], fps, quality))
+                writers[key] = stack.enter_context(_video_file(paths[key], fps, quality))
         except OSError as exc:
             raise UserError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
 
@@ -319,7 +416,7 @@ def render_turntable(
                     continue
                 frame = rgb8_from_unit(images[mode])
                 for suffix in suffixes:
-                    writers[mode, suffix].append_data(frame)
+                    writers[mode, suffix].append(frame)
             if progress is not None:
                 progress(i + 1, frames)
 
@@ -330,10 +427,12 @@ def render_turntable(
             for d, a in zip(depth, opacity):
                 frame = rgb8_from_unit(image_from_depth(d, a, near, far))
                 for suffix in suffixes:
-                    writers["depth", suffix].append_data(frame)
+                    writers["depth", suffix].append(frame)
 
-        # 5. Close and rename into place, only now that every file is complete (on any error
-        #    above, leaving the block closes and removes the temporary files instead)
+        # 5. Close every encoder and check every file reads back complete, then rename them all into
+        #    place (on any error above, leaving the block closes and removes the temporary files instead)
+        for video in writers.values():
+            video.finish()
         try:
             stack.close()
         except OSError as exc:
@@ -361,7 +460,7 @@ def render_run_video(
     time before rendering starts (the CLI prints it)."""
     from ..checkpoint import load_run
 
-    check_video_inputs(frames, size, fps, elevation, modes)
+    check_video_inputs(frames, size, fps, elevation, modes, device=str(device))
     run = load_run(Path(run_dir), None if checkpoint is None else Path(checkpoint), device=device)
     kwargs = dict(occupancy=run.occupancy, n_samples=run.config.render.n_samples, normals=normals)
     if announce is not None:

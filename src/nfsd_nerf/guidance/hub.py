@@ -29,7 +29,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import math
 import os
 import re
 import threading
@@ -235,14 +234,37 @@ def hub_endpoint() -> str:
     return (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
+HUB_SECONDS_VARIABLES = ("HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT")
+"""Variables huggingface_hub reads with ``int()`` when it is imported (a bad one is a traceback there)."""
+
+
+def check_hub_environment() -> None:
+    """Refuse a bad :data:`HUB_SECONDS_VARIABLES` value in one line. The command line calls this
+    before anything imports huggingface_hub, diffusers or transformers, which would fail first."""
+    for name in HUB_SECONDS_VARIABLES:
+        _env_seconds(name)
+
+
+def _env_seconds(name: str) -> int | None:
+    """A whole, positive number of seconds from ``name``, or None if it is unset (set but empty is
+    refused: huggingface_hub's ``int("")`` fails too)."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise UserError(f"{name}={raw!r} must be a whole number of seconds above 0 "
+                        "(huggingface_hub reads it as an integer)")
+    return value
+
+
 def hub_timeout() -> float:
     """Seconds to wait for the hub's first answer: ``HF_HUB_ETAG_TIMEOUT`` if set, else 5."""
-    raw = os.environ.get("HF_HUB_ETAG_TIMEOUT")
-    try:
-        value = float(raw) if raw else DEFAULT_HUB_TIMEOUT_S
-    except ValueError:
-        raise UserError(f"HF_HUB_ETAG_TIMEOUT={raw!r} is not a number of seconds") from None
-    return value if value > 0 and math.isfinite(value) else DEFAULT_HUB_TIMEOUT_S
+    value = _env_seconds("HF_HUB_ETAG_TIMEOUT")
+    return DEFAULT_HUB_TIMEOUT_S if value is None else float(value)
 
 
 def offline_reason(offline: bool) -> str | None:
@@ -344,8 +366,29 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text.splitlines()[0]}" if text else type(exc).__name__
 
 
+def skip_agent_registry_fetch() -> None:
+    """Keep huggingface_hub from asking ``/api/agent-harnesses`` before our request.
+
+    huggingface_hub (2.x) builds every request's user agent with ``detect_agent()``, which first
+    fetches ``{ENDPOINT}/api/agent-harnesses`` (at most once a day, cached in ``HF_HOME``; 3 s timeout).
+    That is a second request, to the endpoint fixed when huggingface_hub was imported (huggingface.co
+    even when ``HF_ENDPOINT`` was set later in-process), and against a stalled endpoint it spends 3 s
+    of our deadline. Its registry starts empty instead: no agent is named in the user agent. A
+    huggingface_hub without that module (older, or reorganised) is left as it is.
+    """
+    try:
+        from huggingface_hub.utils import _detect_agent as agent
+    except ImportError:
+        return
+    if getattr(agent, "_registry", False) is None:
+        agent._registry = getattr(agent, "_EMPTY_REGISTRY", {"standardEnvVars": [], "harnesses": {}})
+
+
 def call_with_deadline(fn: Callable[[], Any], seconds: float) -> Any:
-    """``fn()`` in a daemon thread; TimeoutError if it has not returned after ``seconds`` (it is abandoned)."""
+    """``fn()`` in a daemon thread; TimeoutError if it has not returned after ``seconds`` (it is abandoned).
+
+    Used for hub requests: the deadline covers that one request (:func:`skip_agent_registry_fetch`)."""
+    skip_agent_registry_fetch()
     outcome: dict[str, Any] = {}
 
     def run() -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+import string
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Literal
@@ -189,15 +190,19 @@ def _vocabulary_message() -> str:
     return f"known shapes: {', '.join(SHAPES)}; known colours: {', '.join(COLOURS)}"
 
 
-def parse_prompt(prompt: str) -> ParsedPrompt:
+def parse_prompt(prompt: str, *, drawn: bool = False) -> ParsedPrompt:
     """"a DSLR photo of a blue torus, front view" -> object (torus, blue).
 
-    The empty prompt is the unconditional one; a prompt made of image-quality words (the paper's
-    negative prompt, "blurry, low quality, ...") is the negative one. Anything else must name
-    exactly one known shape and one known colour, or a :class:`UserError` lists the vocabulary.
+    A prompt of only spaces and punctuation is the unconditional one; a prompt made of image-quality
+    words (the paper's negative prompt, "blurry, low quality, ...") is the negative one. Anything
+    else must name exactly one known shape and one known colour, or a :class:`UserError` lists the
+    vocabulary. ``drawn``: the prompt is the one a run draws (the user's), which must name an object:
+    the unconditional and negative prompts are only the rules' other rows, and taking a user's prompt
+    for one ("a photo of a hamburger" has "of", as in "out of focus") would train a run that cannot
+    be evaluated. Text in another script is not blank: it names no known shape.
     """
     words = re.findall(r"[a-z]+", prompt.lower())
-    if not words:
+    if not drawn and not prompt.strip(string.whitespace + string.punctuation):
         return ParsedPrompt("unconditional")
     shapes, colours = [], []
     for word in words:
@@ -207,7 +212,7 @@ def parse_prompt(prompt: str) -> ParsedPrompt:
                 break
         if word in COLOURS or word in COLOUR_ALIASES:
             colours.append(COLOUR_ALIASES.get(word, word))
-    if not shapes and not colours and any(w in NEGATIVE_WORDS for w in words):
+    if not drawn and not shapes and not colours and any(w in NEGATIVE_WORDS for w in words):
         return ParsedPrompt("negative")
     if len(set(shapes)) != 1 or len(set(colours)) != 1:
         problem = "names no" if not shapes or not colours else "names more than one"

@@ -3,23 +3,32 @@
 1. check the inputs (before anything expensive or any folder is made), 2. load the prior and the
 rule, 3. prepare the run folder (new, or the resumed one), 4. the loop (metrics, previews,
 checkpoints, Ctrl-C, divergence), 5. finish (final checkpoint, evaluation, summary).
+
+A process trains in a run folder only while it holds the folder's lock (``.lock``, see
+:func:`~nfsd_nerf.files.exclusive_lock`); on taking it, it removes the temporary files a killed
+writer left there. A new run saves a step-0 checkpoint before its first step, so ``--resume`` works
+from then on, and a resume of a run whose steps are done but whose ``summary.json`` is missing (killed
+in the final save or evaluation) only finishes it. Stages 3-5 share one handler: a full disk anywhere
+is one line naming the checkpoint the run can resume from, and Ctrl-C anywhere names it too.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import signal
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
 
-from ..checkpoint import FINAL, LATEST, Checkpoint
+from ..checkpoint import FINAL, LATEST, Checkpoint, saved_step
 from ..config import BUILTIN_MODEL, Config, check_config
 from ..errors import UserError
-from ..files import atomic_copy, check_writable, new_run_dir
+from ..files import atomic_copy, check_writable, exclusive_lock, new_run_dir, remove_temporaries
 from ..guidance.prompts import view_texts
 from ..runtime import describe_device, package_versions, resolve_device
 from .run_folder import MetricsLog, write_config, write_preview, write_summary
@@ -29,6 +38,11 @@ MAX_CONSECUTIVE_SKIPS = 20
 """Training stops (checkpoint kept) after this many steps in a row with a non-finite loss or gradient."""
 SLOW_CPU_SECONDS_PER_STEP = 0.5
 """Above this on the CPU with a real diffusion model, the user is told how long the run will take."""
+LOCK = ".lock"
+"""The run folder's lock file: held (``flock``) by the process training in the folder."""
+WRITTEN_FOLDERS = ("", "checkpoints", "previews")
+"""The parts of a run folder only its training process writes (so only it may clear temporaries there);
+``export/`` and ``video/`` are written by other commands, which run while a run trains."""
 
 
 class TrainingDiverged(UserError):
@@ -36,11 +50,12 @@ class TrainingDiverged(UserError):
 
 
 class Interrupted(Exception):
-    """Ctrl-C during training; a checkpoint has been written."""
+    """Ctrl-C during training; ``checkpoint`` (holding ``step``) is where ``--resume`` continues."""
 
-    def __init__(self, checkpoint: Path):
+    def __init__(self, checkpoint: Path, step: int | None = None):
         super().__init__(str(checkpoint))
         self.checkpoint = checkpoint
+        self.step = step
 
 
 @dataclass
@@ -83,20 +98,80 @@ def run_training(
     if device.type == "cpu":
         console.print("[yellow]note:[/] no GPU in use: training on the CPU")
 
-    # 2. Diffusion prior and guidance rule (rule defaults resolved into the recorded config)
-    cfg, prior, distill = _load_guidance(cfg, device, prior)
-    prepare_nerfacc_kernels(console, device)  # CUDA only: built here, never inside the progress bar
+    with ExitStack() as hold:
+        if run_dir is not None:  # a known folder (resumed, or a batch's) is locked before the prior loads
+            run_dir = Path(run_dir)
+            hold.enter_context(_locked_run_folder(run_dir, resume))
 
-    # 3. Run folder, trainer, and resumed state
-    trainer = _prepare_run(cfg, out, resume, run_dir, device, prior, distill)
-    console.print(f"run folder: [bold]{trainer.run_dir}[/]")
+        # 2. Diffusion prior and guidance rule (rule defaults resolved into the recorded config)
+        cfg, prior, distill = _load_guidance(cfg, device, prior)
+        prepare_nerfacc_kernels(console, device)  # CUDA only: built here, never inside the progress bar
 
-    # 4. The loop
-    step_times = _train_loop(trainer, console, show_progress=progress, resumed=resume is not None)
+        # 3.-5. Run folder and trainer, the loop, the final checkpoint, evaluation and summary
+        if run_dir is None:
+            run_dir = new_run_dir(out, cfg.prompt)
+            hold.enter_context(_locked_run_folder(run_dir, None))
+        trainer = Trainer(cfg, run_dir, device, prior, distill)
+        summary = _train_and_finish(trainer, resume, console, progress, started)
+    return RunResult(run_dir=run_dir, summary=summary)
 
-    # 5. Final checkpoint, preview, evaluation and summary
-    summary = _finish(trainer, step_times, wall_start=started)
-    return RunResult(run_dir=trainer.run_dir, summary=summary)
+
+@contextmanager
+def _locked_run_folder(run_dir: Path, resume: Checkpoint | None):
+    """Hold ``run_dir``'s lock for the block (a second trainer gets one line), clear the temporary files
+    a killed process left, and refuse a checkpoint another process replaced since it was read."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create the run folder {run_dir}: {exc.strerror or exc}") from None
+    with exclusive_lock(run_dir / LOCK, f"another nfsd-nerf process is training in {run_dir}; wait for it to "
+                        "end (export and render-video can read the run meanwhile)"):
+        for folder in WRITTEN_FOLDERS:
+            remove_temporaries(run_dir / folder)
+        if resume is not None and resume.changed_on_disk():
+            raise UserError(f"{resume.path} changed since it was read (another process saved the run); "
+                            "run the command again")
+        yield
+
+
+def _train_and_finish(trainer: Trainer, resume: Checkpoint | None, console, progress: bool, started: float) -> dict:
+    """Stages 3-5 under one handler: any OSError (a full disk, a vanished folder) becomes one line
+    naming the checkpoint the run can resume from, after saving the state if it is newer; Ctrl-C
+    anywhere (the first one in the loop stops between steps itself) names that checkpoint too."""
+    ready = False  # the trainer holds the run's state (new, or restored)
+    try:
+        steps_left = _prepare_run(trainer, resume)
+        ready = True
+        console.print(f"run folder: [bold]{trainer.run_dir}[/]")
+        step_times = []
+        if steps_left:
+            step_times = _train_loop(trainer, console, show_progress=progress, resumed=resume is not None)
+        return _finish(trainer, step_times, wall_start=started)
+    except OSError as exc:
+        raise UserError(_write_failure(trainer, exc, may_save=ready)) from None
+    except KeyboardInterrupt:  # a second Ctrl-C mid-step, or one outside the loop: keep the last checkpoint
+        latest = trainer.run_dir / "checkpoints" / LATEST
+        step = saved_step(latest)
+        if step is None:
+            raise
+        raise Interrupted(latest, step) from None
+
+
+def _write_failure(trainer: Trainer, exc: OSError, *, may_save: bool) -> str:
+    """The one-line message of a failed write; first saves ``latest`` if the state in memory is newer
+    (the loop's writes all happen between steps, so the state is whole)."""
+    latest = trainer.run_dir / "checkpoints" / LATEST
+    step = saved_step(latest)
+    if may_save and step != trainer.step:
+        try:
+            trainer.save(LATEST)
+            step = trainer.step
+        except OSError:
+            pass  # the full disk again: the earlier checkpoint, if any, is intact (atomic writes)
+    message = f"cannot write to {trainer.run_dir}: {exc.strerror or exc}"
+    if step is None:
+        return f"{message} (no checkpoint could be saved)"
+    return f"{message}; {latest} holds step {step}: make room, then nfsd-nerf train --resume {trainer.run_dir}"
 
 
 def load_run_prior(cfg: Config, device: torch.device):
@@ -121,26 +196,39 @@ def _load_guidance(cfg: Config, device: torch.device, prior=None):
     return cfg, prior, distill
 
 
-def _prepare_run(cfg: Config, out: Path | None, resume: Checkpoint | None, run_dir: Path | None,
-                 device: torch.device, prior, distill) -> Trainer:
-    """A new run folder (or the resumed one) with ``config.yaml``, and a trainer in the saved state."""
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(out, cfg.prompt)
+def _prepare_run(trainer: Trainer, resume: Checkpoint | None) -> bool:
+    """``config.yaml`` and the trainer's starting state: a new run saves it as a step-0 checkpoint (so
+    ``--resume`` works from the start), a resumed one restores it. Returns whether steps remain: a
+    resumed run whose steps are done but whose summary is missing (killed while finishing) is only
+    finished."""
+    cfg, run_dir = trainer.cfg, trainer.run_dir
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, run_dir, device, prior, distill)
-    if resume is not None:
-        trainer.restore(resume)
-        if trainer.step >= cfg.train.steps:
-            raise UserError(f"{run_dir} already ran {trainer.step} steps; pass --steps N with N > {trainer.step} to extend it")
+    if resume is None:
+        write_config(run_dir, cfg)
+        trainer.save(LATEST)
+        return True
+    trainer.restore(resume)
+    step = trainer.step
+    if step > cfg.train.steps or (step == cfg.train.steps and _summary_steps(run_dir) == step):
+        raise UserError(f"{run_dir} already ran {step} steps; pass --steps N with N > {step} to extend it")
     write_config(run_dir, cfg)
-    return trainer
+    return step < cfg.train.steps
+
+
+def _summary_steps(run_dir: Path) -> int | None:
+    """The steps ``summary.json`` reports (a run's last act), or None where there is none readable."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return summary.get("steps") if isinstance(summary, dict) else None
 
 
 def _train_loop(trainer: Trainer, console, *, show_progress: bool, resumed: bool) -> list[float]:
     """Step until ``train.steps``; log, preview and checkpoint on schedule. Returns seconds per step.
 
-    Ctrl-C: the first one stops between steps with a checkpoint (:class:`Interrupted`); a second
-    one mid-step keeps the last checkpoint. An OSError (full disk, vanished folder) between steps
-    saves what it can and becomes a one-line :class:`UserError`.
+    The first Ctrl-C stops between steps with a checkpoint (:class:`Interrupted`); a second one
+    interrupts the step (the caller keeps the last checkpoint). Write errors go to the caller's handler.
     """
     cfg, run_dir = trainer.cfg, trainer.run_dir
     metrics = MetricsLog(run_dir / "metrics.jsonl")
@@ -154,7 +242,7 @@ def _train_loop(trainer: Trainer, console, *, show_progress: bool, resumed: bool
             task = bar.add_task("train", total=cfg.train.steps, completed=trainer.step, loss=float("nan"))
             while trainer.step < cfg.train.steps:
                 if stop_flag["stop"]:
-                    raise Interrupted(trainer.save(LATEST))
+                    raise Interrupted(trainer.save(LATEST), trainer.step)
                 t0 = time.perf_counter()
                 result = trainer.train_step()
                 step_times.append(time.perf_counter() - t0)
@@ -169,17 +257,6 @@ def _train_loop(trainer: Trainer, console, *, show_progress: bool, resumed: bool
                     write_preview(run_dir, trainer.scene, cfg, trainer.step)
                 if cfg.train.checkpoint_every and trainer.step % cfg.train.checkpoint_every == 0:
                     trainer.save(LATEST)
-    except OSError as exc:  # between steps: the state in memory is intact
-        try:
-            saved = f"saved {trainer.save(LATEST)}"
-        except OSError:
-            saved = "no checkpoint could be saved"
-        raise UserError(f"cannot write to {run_dir}: {exc.strerror or exc} ({saved})") from None
-    except KeyboardInterrupt:  # a second Ctrl-C mid-step: the state may be half-updated, keep the last checkpoint
-        latest = run_dir / "checkpoints" / LATEST
-        if latest.exists():
-            raise Interrupted(latest) from None
-        raise
     finally:
         restore_sigint()
     return step_times
@@ -248,7 +325,7 @@ def _finish(trainer: Trainer, step_times: list[float], *, wall_start: float) -> 
         "steps": trainer.step,
         "skipped_steps": trainer.skipped_total,
         "wall_time_s": round(time.perf_counter() - wall_start, 2),
-        "seconds_per_step": round(sum(step_times) / max(1, len(step_times)), 4),
+        "seconds_per_step": round(_seconds_per_step(step_times, run_dir), 4),
         "device": describe_device(device),
         "hash_grid_backend": trainer.scene.field.encoding.backend,
         "ray_marcher": "nerfacc" if device.type == "cuda" and nerfacc_kernels_available() else "pytorch",
@@ -262,6 +339,26 @@ def _finish(trainer: Trainer, step_times: list[float], *, wall_start: float) -> 
     }
     write_summary(run_dir, summary)
     return summary
+
+
+def _seconds_per_step(step_times: list[float], run_dir: Path) -> float:
+    """Mean over the steps this process ran; a resume that only finished a run ran none, and takes
+    the mean ``metrics.jsonl`` logged (each line averages the steps since the one before)."""
+    if step_times:
+        return sum(step_times) / len(step_times)
+    total, steps, previous = 0.0, 0, 0
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return 0.0
+    for line in lines:
+        try:
+            entry = json.loads(line)
+            step, seconds = int(entry["step"]), float(entry["seconds_per_step"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        total, steps, previous = total + seconds * max(0, step - previous), steps + max(0, step - previous), step
+    return total / steps if steps else 0.0
 
 
 def _install_sigint_flag() -> tuple[dict, Callable[[], None]]:

@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from ..cameras import Cameras, generate_rays, sample_cameras_from_config
-from ..checkpoint import Checkpoint, restore_optimizer, restore_scene, save_checkpoint
+from ..checkpoint import Checkpoint, restore_optimizer, restore_rng, restore_scene, save_checkpoint
 from ..config import Config
+from ..errors import UserError
 from ..guidance.prompts import view_dependent_prompts
 from ..profiling import stage
 from ..render import RenderOutput, Shading, render_rays, step_size_from_samples
@@ -33,7 +34,8 @@ class StepResult:
     loss: float
     """The total loss."""
     terms: dict[str, float]
-    """Named weighted terms of the total: ``guidance`` and the regularisers in use."""
+    """Named weighted terms of the total: ``guidance`` and the regularisers in use; also, reported
+    only, the rule state's own training losses (VSD: ``lora``)."""
     t: list[int]
     """Diffusion timestep of each view."""
     grad_norm: float
@@ -149,16 +151,19 @@ class Trainer:
         """Continue from a checkpoint: scene, optimizer, every RNG and the counters."""
         restore_scene(self.scene, ckpt)
         restore_optimizer(self.optimizer, ckpt)
-        rng = ckpt.section("rng")
-        self.generator.set_state(rng["generator"])
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and self.device.type == "cuda":
-            torch.cuda.set_rng_state(rng["cuda"], self.device)
+        restore_rng(ckpt, self.generator, self.device)
+        rule_state = getattr(self.distill, "state", None)
+        if rule_state is not None:
+            saved = ckpt.section("rule")
+            if not saved:
+                raise UserError(f"checkpoint {ckpt.path} has no state for --guidance {self.cfg.guidance.method} "
+                                "(no rule.* tensors)")
+            rule_state.load_state_dict(saved)
         self.step = ckpt.step
-        self.skipped_total = int(ckpt.meta.get("skipped_steps", 0))
-        self.overflow_total = int(ckpt.meta.get("encoder_overflow_steps", 0))
+        self.skipped_total = ckpt.skipped_steps
+        self.overflow_total = ckpt.encoder_overflow_steps
         if self.grad_scaler is not None:
-            self.grad_scaler.load_state(ckpt.meta)
+            self.grad_scaler.load_state(ckpt.loss_scale_state())
 
     def save(self, name: str) -> Path:
         """Write ``checkpoints/<name>`` atomically; returns its path."""
@@ -170,7 +175,13 @@ class Trainer:
             optimizer=self.optimizer,
             rng=self.rng_state(),
             extra_meta={"skipped_steps": str(self.skipped_total), **self._scaler_meta()},
+            extra_tensors=self._rule_state_tensors(),
         )
+
+    def _rule_state_tensors(self) -> dict[str, Tensor]:
+        """The rule's state (VSD's LoRA model and its optimiser) under ``rule.``; none for pure rules."""
+        rule_state = getattr(self.distill, "state", None)
+        return {} if rule_state is None else {f"rule.{k}": v for k, v in rule_state.state_dict().items()}
 
     # ----- one step
 
@@ -194,11 +205,13 @@ class Trainer:
 
         # 3. Guidance: one batched prior call for every view, the rule's surrogate loss
         progress = training_progress(step, cfg.train.steps)
-        loss_guidance, info = self.distill.loss(image, views_prompts(cfg, views.cameras), views.cameras, progress, gen)
+        loss_guidance, info = self.distill.loss(image, views_prompts(cfg, views.cameras), views.cameras, progress, gen,
+                                                step=step)
 
         # 4. Regularisers
         terms = {"guidance": loss_guidance, **regularizer_terms(out, cfg.loss, w_orient)}
         loss = sum(terms.values())
+        terms.update(info.get("state_losses", {}))  # reported, not optimised here
 
         # 5. Backward and Adam, skipping steps whose loss or gradient is not finite
         with stage("backward"):

@@ -207,8 +207,8 @@ def stage_bench(emit: Callable[[dict], None]) -> None:
     result: dict = {"model": "full-size SD 2.1-base architecture, random weights", "dtype": str(prior.dtype),
                     "preset": "default", "build_s": round(time.perf_counter() - start, 1), "warmup": 5, "steps": 20}
     emit(result)
-    runs = [("nfsd", {"method": "nfsd"}), ("sds", {"method": "sds"}), ("nfsd_perp_neg", {"method": "nfsd",
-                                                                                        "perp_neg": True})]
+    runs = [("nfsd", {"method": "nfsd"}), ("sds", {"method": "sds"}),
+            ("nfsd_perp_neg", {"method": "nfsd", "perp_neg": True}), ("vsd", {"method": "vsd"})]
     for name, guidance in runs:
         cfg = merge(load_config(preset_path("default")), {"prompt": PROMPT, "guidance": guidance,
                                                           "train": {"device": DEVICE}})

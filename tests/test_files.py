@@ -69,6 +69,7 @@ def test_run_folders_are_new_and_named_after_the_prompt(tmp_path):
 
 def test_unwritable_output_is_refused_before_work(tmp_path):
     check_writable(tmp_path / "new" / "folder")
+    assert list(tmp_path.iterdir()) == []  # creates nothing: a later refusal leaves nothing behind
     (tmp_path / "file").write_text("x")
     with pytest.raises(UserError, match="not writable"):
         check_writable(tmp_path / "file" / "runs")

@@ -311,13 +311,13 @@ def test_a_checkpoint_replaced_between_reading_and_locking_is_refused(finished_r
 
 
 def test_a_truncated_video_is_refused_and_the_earlier_one_kept(finished_run, tmp_path, monkeypatch):
-    from nfsd_nerf.export import video
+    from nfsd_nerf.export import video_file
 
     run = copy_run(finished_run, tmp_path)
     args = ["render-video", str(run), "--frames", "3", "--size", "16", "--modes", "rgb,depth"]
     assert runner.invoke(app, args).exit_code == 0
     before = {p.name: p.read_bytes() for p in (run / "video").iterdir()}
-    real_init = video._VideoFile.__init__
+    real_init = video_file.VideoFile.__init__
 
     def init(self, *a, **k):  # ffmpeg failed writing the trailer: the file is cut, close() still succeeds
         real_init(self, *a, **k)
@@ -330,7 +330,7 @@ def test_a_truncated_video_is_refused_and_the_earlier_one_kept(finished_run, tmp
 
         self.writer.close = cut_close
 
-    monkeypatch.setattr(video._VideoFile, "__init__", init)
+    monkeypatch.setattr(video_file.VideoFile, "__init__", init)
     line = one_line_error(runner.invoke(app, [*args[:3], "5", *args[4:]]))
     assert "turntable_depth.mp4" in line and "incomplete" in line and "wrote" not in line
     assert {p.name: p.read_bytes() for p in (run / "video").iterdir()} == before  # neither file replaced
@@ -343,7 +343,7 @@ def test_a_truncated_video_is_refused_and_the_earlier_one_kept(finished_run, tmp
 
         self.writer.append_data = broken
 
-    monkeypatch.setattr(video._VideoFile, "__init__", init_dying)
+    monkeypatch.setattr(video_file.VideoFile, "__init__", init_dying)
     line = one_line_error(runner.invoke(app, args))
     assert "turntable_rgb.mp4" in line and "the encoder stopped" in line
     assert {p.name: p.read_bytes() for p in (run / "video").iterdir()} == before

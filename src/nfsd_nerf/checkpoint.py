@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from .config import Config, check_config, dump_yaml, from_dict
-from .errors import UserError
+from .errors import UserError, first_line
 from .files import atomic_write_bytes
 from .scene import Scene, build_scene
 
@@ -158,7 +158,7 @@ def read_checkpoint(path: Path) -> Checkpoint:
         tensors = load(data)
         meta = _read_metadata(data)
     except (SafetensorError, ValueError, OSError, json.JSONDecodeError) as exc:
-        raise UserError(f"checkpoint {path} is truncated or not a safetensors file ({_first_line(exc)})") from None
+        raise UserError(f"checkpoint {path} is truncated or not a safetensors file ({first_line(exc)})") from None
     if meta.get("format") != FORMAT:
         raise UserError(f"{path} is not an nfsd-nerf checkpoint")
     if meta.get("version") != VERSION:
@@ -201,11 +201,6 @@ def _read_metadata(data: bytes) -> dict[str, str]:
 
 def _stamp(st: os.stat_result) -> tuple[int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def _bad(path: Path, what: str, problem: str) -> UserError:
@@ -253,7 +248,7 @@ def _parse_config(path: Path, meta: dict[str, str]) -> Config:
     try:
         data = yaml.safe_load(meta["config"])
     except yaml.YAMLError as exc:
-        raise _bad(path, "metadata 'config'", f"is not plain YAML ({_first_line(exc)})") from None
+        raise _bad(path, "metadata 'config'", f"is not plain YAML ({first_line(exc)})") from None
     if not isinstance(data, dict):
         raise _bad(path, "metadata 'config'", f"is not a mapping of config sections (got {type(data).__name__})")
     try:
@@ -273,7 +268,7 @@ def _parse_param_groups(path: Path, meta: dict[str, str]) -> list[dict[str, Any]
     try:
         groups = json.loads(meta["param_groups"])
     except ValueError as exc:
-        raise _bad(path, what, f"is not JSON ({_first_line(exc)})") from None
+        raise _bad(path, what, f"is not JSON ({first_line(exc)})") from None
     if not isinstance(groups, list) or not groups or not all(isinstance(g, dict) for g in groups):
         raise _bad(path, what, "must be a list of parameter groups")
     seen: set[int] = set()
@@ -390,7 +385,7 @@ def restore_rng(ckpt: Checkpoint, generator: torch.Generator, device: torch.devi
         try:
             set_state(saved[name])
         except (RuntimeError, ValueError) as exc:
-            raise _bad(ckpt.path, f"tensor 'rng.{name}'", f"is not a valid RNG state ({_first_line(exc)})") from None
+            raise _bad(ckpt.path, f"tensor 'rng.{name}'", f"is not a valid RNG state ({first_line(exc)})") from None
 
 
 def find_checkpoint(run_dir: Path, checkpoint: Path | None = None) -> Path:

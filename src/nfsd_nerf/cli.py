@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
-from typer.core import TyperGroup
 
 from . import __version__
 from .config import DEFAULT_MODEL
+from .cli_errors import OneLineErrors, run_command
 from .errors import UserError
 from .export.formats import formats_help, textured_formats
 from .guidance.dds import edit_rules_help
@@ -19,59 +18,8 @@ from .guidance.rules import rules_help
 DEVICE_HELP = "auto (CUDA when available), cuda or cpu."
 
 
-def _click_exceptions():
-    """The exceptions module of the click that typer runs on (vendored as ``typer._click`` in recent typer)."""
-    try:
-        from typer._click import exceptions
-    except ImportError:  # older typer: click itself
-        from click import exceptions
-    return exceptions
-
-
-@contextmanager
-def _one_line_usage_errors():
-    """Turn click's usage errors (an option value of the wrong type, an unknown option or command, a
-    missing argument) into the one line and exit code 2 of every other error, instead of a usage box."""
-    exceptions = _click_exceptions()
-    try:
-        yield
-    except getattr(exceptions, "NoArgsIsHelpError", ()):  # bare `nfsd-nerf`: the help, as click shows it
-        raise
-    except exceptions.UsageError as exc:
-        fail(_usage_message(exc, exceptions))
-
-
-def _usage_message(exc, exceptions) -> str:
-    """``--steps: 'abc' is not a valid integer``; other usage errors as click words them, with where to look."""
-    param = getattr(exc, "param", None)
-    if isinstance(exc, exceptions.BadParameter) and not isinstance(exc, exceptions.MissingParameter) and param:
-        detail = exc.message
-        errors = getattr(exc.__cause__, "errors", None)  # typer's pydantic coercion: the value is in the cause
-        first = (errors() or [{}])[0] if callable(errors) else {}
-        if "input" in first:
-            detail = str(first["msg"]).split(",")[0]
-            if detail.startswith("Input should be "):
-                detail = f"{first['input']!r} is not {detail.removeprefix('Input should be ')}"
-        return f"{exc.param_hint or '/'.join(param.opts)}: {detail}"
-    where = f" (see '{exc.ctx.command_path} --help')" if exc.ctx is not None else ""
-    return f"{exc.format_message()}{where}"
-
-
-class _Commands(TyperGroup):
-    """Typer's command group with usage errors in one line (:func:`_one_line_usage_errors`), so that they
-    read like every other error, through the console script and ``CliRunner`` alike."""
-
-    def make_context(self, *args, **kwargs):
-        with _one_line_usage_errors():
-            return super().make_context(*args, **kwargs)
-
-    def invoke(self, ctx):
-        with _one_line_usage_errors():
-            return super().invoke(ctx)
-
-
 app = typer.Typer(
-    cls=_Commands,
+    cls=OneLineErrors,
     name="nfsd-nerf",
     help="Text-to-3D with Noise-Free Score Distillation: train a hash-grid NeRF from a prompt, "
     "then export meshes and turntable videos.",
@@ -94,29 +42,6 @@ def main(
     ),
 ) -> None:
     """nfsd-nerf: text-to-3D with Noise-Free Score Distillation."""
-
-
-def fail(message: str) -> None:
-    """Print a one-line error and exit with code 2."""
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code=2)
-
-
-def _run(action):
-    """Run a command body: user errors become one line + exit 2, Ctrl-C exits 130 quietly."""
-    from .runtime import prepare_process
-
-    from .guidance.hub import check_hub_environment
-
-    prepare_process()  # large-tensor CPU work in every command: ~2x on the hash grid
-    try:
-        check_hub_environment()  # before anything imports huggingface_hub, which fails on them with a traceback
-        return action()
-    except UserError as exc:
-        fail(str(exc))
-    except KeyboardInterrupt:
-        typer.secho("interrupted", fg=typer.colors.YELLOW, err=True)
-        raise typer.Exit(code=130)
 
 
 @app.command()
@@ -163,7 +88,7 @@ def train(
             raise typer.Exit(code=130)
         _print_summary(console, result.run_dir, result.summary)
 
-    _run(body)
+    run_command(body)
 
 
 def _train_config(prompt: str | None, config: Path | None, overrides: list[str], flags: dict, resume: Path | None):
@@ -226,7 +151,7 @@ def batch(
         if code:
             raise typer.Exit(code=code)
 
-    _run(body)
+    run_command(body)
 
 
 def _print_summary(console, run_dir: Path, summary: dict) -> None:
@@ -283,7 +208,7 @@ def export(
         for path in paths:
             console.print(f"wrote {path}")
 
-    _run(body)
+    run_command(body)
 
 
 @app.command("render-video")
@@ -321,7 +246,7 @@ def render_video(
         for path in paths:
             console.print(f"wrote {path}")
 
-    _run(body)
+    run_command(body)
 
 
 @app.command()
@@ -348,7 +273,7 @@ def doctor(
         if exit_code(rows):
             raise typer.Exit(code=1)
 
-    _run(body)
+    run_command(body)
 
 
 def _duration(seconds: float) -> str:
@@ -413,7 +338,7 @@ def image(
                                   callback=lambda step, info: bar.update(task, completed=step + 1))
         console.print(f"wrote {path}")
 
-    _run(body)
+    run_command(body)
 
 
 @app.command()
@@ -459,4 +384,4 @@ def decompose(
         for path in paths:
             console.print(f"wrote {path}")
 
-    _run(body)
+    run_command(body)

@@ -148,11 +148,16 @@ def exclusive_lock(path: Path | str, busy: str) -> Iterator[None]:
 
 
 def check_writable(folder: Path | str) -> None:
-    """Fail before any expensive work if ``folder`` cannot be created or written."""
+    """Fail before any expensive work if ``folder`` cannot be created or written; creates nothing
+    (the probe goes into the nearest folder that exists), so a later refusal leaves nothing behind."""
     folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        probe = folder / f".nfsd-nerf-write-test-{time.time_ns()}"
+        if not existing.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(existing))
+        probe = existing / f".nfsd-nerf-write-test-{time.time_ns()}"
         probe.write_bytes(b"")
         probe.unlink()
     except OSError as exc:

@@ -126,6 +126,7 @@ def run_batch(plan: BatchPlan, *, address: str | None = None, restart_stale: boo
 
     console = console or Console()
     check_writable(plan.root)
+    plan.root.mkdir(parents=True, exist_ok=True)
     with _exclusive(plan.root):
         return _run_locked(plan, address, restart_stale, console, backend, live)
 

@@ -21,9 +21,9 @@ one wants to see anyway.
 from __future__ import annotations
 
 import time
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from pathlib import Path
-from typing import Callable, Iterator, Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -32,9 +32,9 @@ from torch import Tensor
 from ..cameras import TURNTABLE_ORBIT, Cameras, generate_rays
 from ..config.checks import RAY_BYTES, MemoryNeed, check_memory
 from ..errors import UserError
-from ..files import atomic_target
 from ..runtime import module_device
 from .texture import rgb8_from_unit
+from .video_file import VideoFile, video_file
 
 MODES: tuple[str, ...] = ("rgb", "shaded", "textureless", "normal", "depth")
 DEFAULT_CHUNK_RAYS = 8192
@@ -238,122 +238,6 @@ def estimate_seconds(
     return sum(times) / len(times) * (size / probe) ** 2 * frames
 
 
-class _VideoFile:
-    """One output file, encoded into a temporary file beside it (:func:`~nfsd_nerf.files.atomic_target`):
-    :meth:`append` frames, then :meth:`finish` closes the encoder and checks that the file holds every
-    frame; the temporary file is renamed into place only after that (see :func:`_video_file`).
-
-    The check is needed because imageio-ffmpeg ignores ffmpeg's exit status: an ffmpeg that runs out of
-    disk space while writing the trailer (``+faststart`` rewrites the whole file at the end) exits in
-    error and leaves a truncated MP4, and closing the writer still succeeds."""
-
-    def __init__(self, path: Path, tmp: Path, fps: float, quality: float):
-        import imageio.v2 as iio
-
-        self.path, self.tmp, self.frames = path, tmp, 0
-        if path.suffix == ".gif":
-            self.writer = iio.get_writer(tmp, format="GIF", mode="I", duration=1000.0 / fps, loop=0)
-        else:
-            self.writer = iio.get_writer(
-                tmp,
-                format="FFMPEG",
-                mode="I",
-                fps=fps,
-                codec="libx264",
-                quality=quality,
-                pixelformat="yuv420p",
-                macro_block_size=2,
-                ffmpeg_log_level="error",
-                output_params=["-movflags", "+faststart"],
-            )
-
-    def append(self, frame: np.ndarray) -> None:
-        try:
-            self.writer.append_data(frame)
-        except OSError as exc:  # the encoder died (its own message went to stderr): broken pipe
-            raise UserError(self._failed(f"the encoder stopped ({_first_line(exc)})")) from None
-        self.frames += 1
-
-    def finish(self) -> None:
-        """Close the encoder; a :class:`UserError` unless the file reads back with every frame."""
-        try:
-            self.writer.close()
-        except OSError as exc:
-            raise UserError(self._failed(f"the encoder failed ({_first_line(exc)})")) from None
-        problem = _gif_problem(self.tmp) if self.path.suffix == ".gif" else _mp4_problem(self.tmp, self.frames)
-        if problem:
-            raise UserError(self._failed(problem))
-
-    def abandon(self) -> None:
-        try:
-            self.writer.close()
-        except Exception:  # the encoder may already be broken; the temporary file goes either way
-            pass
-
-    def _failed(self, problem: str) -> str:
-        import shutil
-
-        try:
-            free = shutil.disk_usage(self.tmp.parent).free
-        except OSError:
-            free = None
-        full = f"; the disk is full ({free} bytes free)" if free is not None and free < 2**20 else ""
-        return f"cannot write the video {self.path}: {problem}{full}; no video was replaced"
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
-
-
-def _mp4_problem(path: Path, frames: int) -> str | None:
-    """None if ``path`` is a readable video stream of ``frames`` frames, else what is wrong. Reads the
-    packets without decoding them (``-c copy``): milliseconds, even for long videos."""
-    import subprocess
-
-    import imageio_ffmpeg
-
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:v:0",
-           "-c", "copy", "-f", "null", "-progress", "pipe:1", "-"]
-    try:
-        probe = subprocess.run(cmd, capture_output=True, text=True, errors="replace")
-    except OSError as exc:
-        return f"ffmpeg could not read it back ({_first_line(exc)})"
-    counts = [line.split("=", 1)[1].strip() for line in probe.stdout.splitlines() if line.startswith("frame=")]
-    found = int(counts[-1]) if counts and counts[-1].isdigit() else 0
-    errors = probe.stderr.strip()
-    if probe.returncode != 0 or errors or found != frames:
-        detail = f": {errors.splitlines()[-1]}" if errors else ""
-        return f"the file is incomplete, {found} of {frames} frames readable{detail}"
-    return None
-
-
-def _gif_problem(path: Path) -> str | None:
-    """None if every frame of the GIF decodes (frame counts are not compared: identical frames merge)."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as image:
-            image.seek(image.n_frames - 1)
-            image.load()
-    except (OSError, EOFError, ValueError) as exc:
-        return f"the file is incomplete ({_first_line(exc)})"
-    return None
-
-
-@contextmanager
-def _video_file(path: Path, fps: float, quality: float) -> Iterator[_VideoFile]:
-    """A :class:`_VideoFile` on a temporary file: renamed into place when the block ends normally (call
-    :meth:`~_VideoFile.finish` in it first), closed and removed when it raises."""
-    with atomic_target(path) as tmp:
-        video = _VideoFile(path, tmp, fps, quality)
-        try:
-            yield video
-        except BaseException:
-            video.abandon()
-            raise
-
-
 def render_turntable(
     field,
     background,
@@ -393,12 +277,12 @@ def render_turntable(
     # 2. Open one writer per output, each on a temporary file; entered in reverse so that the
     #    stack, unwinding last-in first-out, renames them in order
     paths = {(mode, suffix): out_dir / f"{name}_{mode}{suffix}" for mode in modes for suffix in suffixes}
-    writers: dict[tuple[str, str], _VideoFile] = {}
+    writers: dict[tuple[str, str], VideoFile] = {}
     with ExitStack() as stack:
         try:
             out_dir.mkdir(parents=True, exist_ok=True)
             for key in reversed(paths):
-                writers[key] = stack.enter_context(_video_file(paths[key], fps, quality))
+                writers[key] = stack.enter_context(video_file(paths[key], fps, quality))
         except OSError as exc:
             raise UserError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
 

@@ -151,3 +151,42 @@ def fit_box_run(run: Path) -> Path:
     (run / "checkpoints").mkdir(parents=True)
     save_checkpoint(run / "checkpoints" / "latest.safetensors", config=cfg, scene=scene, step=150)
     return run
+
+
+class StepField:
+    """A step field ``sigma * inside(x)`` (0 outside the box) from a boolean function of the points."""
+
+    bound = 1.0
+
+    def __init__(self, inside, sigma: float = 40.0):
+        self.inside, self.sigma = inside, sigma
+
+    def density(self, x):
+        return self.inside(x).float() * self.sigma
+
+    def __call__(self, x):
+        return self.density(x), albedo_from_points(x)
+
+
+def hollow_ball_with_core(outer=0.6, wall=0.15, core=0.2) -> StepField:
+    """A shell (radii outer - wall .. outer) around an empty cavity holding a solid core ball: the raw
+    level set has three pieces, the middle one an inner shell (the cavity wall, wound inward)."""
+    def inside(x):
+        r = x.norm(dim=-1)
+        return ((r <= outer) & (r >= outer - wall)) | (r <= core)
+
+    return StepField(inside)
+
+
+def ball_with_cavity(outer=0.6, cavity=0.3) -> StepField:
+    """A solid ball with an empty, closed bubble in it: two pieces raw, one filled ball outside."""
+    return StepField(lambda x: (x.norm(dim=-1) <= outer) & (x.norm(dim=-1) > cavity))
+
+
+def torus(major=0.5, minor=0.18) -> StepField:
+    """A solid torus around world Z: genus 1 (Euler number 0); its hole is open to the outside."""
+    def inside(x):
+        ring = (x[:, :2].norm(dim=-1) - major) ** 2 + x[:, 2] ** 2
+        return ring <= minor**2
+
+    return StepField(inside)

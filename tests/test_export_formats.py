@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from nfsd_nerf.errors import UserError
 from nfsd_nerf.export.extract import extract_mesh
-from nfsd_nerf.export.formats import FORMATS, WORLD_TO_Y_UP, MeshFormat, write_mesh
+from nfsd_nerf.export.formats import FORMATS, UP_AXES, WORLD_TO_Y_UP, MeshFormat, write_mesh
 from nfsd_nerf.export.pipeline import export_field
 from nfsd_nerf.export.texture import bake_texture, vertex_colors_from_albedo
 
@@ -40,9 +40,9 @@ def test_each_format_loads_back_upright_centred_and_coloured(tmp_path, fmt):
     mesh = loaded_mesh(tmp_path / "export" / f"mesh.{fmt}")
     extents = mesh.bounds[1] - mesh.bounds[0]
     np.testing.assert_allclose(mesh.bounds.mean(axis=0), 0.0, atol=1e-6)  # centred
-    rotation = np.eye(3) if fmt == "ply" else WORLD_TO_Y_UP
+    rotation = WORLD_TO_Y_UP  # one frame for every format by default: glTF's
     np.testing.assert_allclose(extents, rotation @ (2 * field.axes.numpy()), atol=0.03)
-    assert np.argmax(extents) == (2 if fmt == "ply" else 1)  # up: +Z for PLY, +Y for glTF/OBJ
+    assert np.argmax(extents) == 1  # up: +Y
     assert len(mesh.vertex_normals) == len(mesh.vertices)
     # back to world coordinates: undo the rotation and the centring (the ellipsoid's centre)
     world = mesh.vertices @ rotation + field.center.numpy()
@@ -104,19 +104,23 @@ def ellipsoid_mesh() -> trimesh.Trimesh:
     return extract_mesh(Ellipsoid(), resolution=24, threshold=25.0)
 
 
+@pytest.mark.parametrize("up", sorted(UP_AXES))
 @pytest.mark.parametrize("name", sorted(FORMATS))
-def test_every_format_writes_its_files_and_the_mesh_in_its_frame(tmp_path, ellipsoid_mesh, name):
+def test_every_format_writes_its_files_and_the_mesh_in_its_frame(tmp_path, ellipsoid_mesh, name, up):
     spec = FORMATS[name]
     assert spec.description and "\n" not in spec.description
-    rotation = np.asarray(spec.world_to_file)
-    np.testing.assert_allclose(rotation @ rotation.T, np.eye(3), atol=1e-12)
+    # the frame by its definition: where world up (+Z) and the world front (+X) land in the file
+    up_axis, front = {"y": ([0, 1, 0], [0, 0, 1]), "z": ([0, 0, 1], [0, -1, 0])}[up]
+    rotation = np.asarray(UP_AXES[up])
+    np.testing.assert_allclose(rotation @ [0, 0, 1], up_axis)
+    np.testing.assert_allclose(rotation @ [1, 0, 0], front)
     assert np.linalg.det(rotation) == pytest.approx(1.0)
     if spec.needs_texture:
         mesh = bake_texture(ellipsoid_mesh, albedo_fn, 64)
     else:
         mesh = vertex_colors_from_albedo(ellipsoid_mesh, albedo_fn)
 
-    paths = write_mesh(mesh, tmp_path / "out" / f"thing.{name}")
+    paths = write_mesh(mesh, tmp_path / "out" / f"thing.{name}", up=up)
     assert [p.name for p in paths] == spec.files("thing")  # in landing order
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == sorted(spec.files("thing"))  # nothing else
     assert all(p.stat().st_size > 0 for p in paths)
@@ -127,10 +131,17 @@ def test_every_format_writes_its_files_and_the_mesh_in_its_frame(tmp_path, ellip
     np.testing.assert_allclose(loaded.vertices, centred @ rotation.T, atol=1e-5)  # float32 in some files
     np.testing.assert_array_equal(loaded.faces, mesh.faces)
 
-    uncentred = write_mesh(mesh, tmp_path / "raw" / f"thing.{name}", center=False)
+    uncentred = write_mesh(mesh, tmp_path / "raw" / f"thing.{name}", center=False, up=up)
     assert [p.name for p in uncentred] == spec.files("thing")
     raw = loaded_mesh(tmp_path / "raw" / f"thing.{name}")
     np.testing.assert_allclose(raw.vertices, vertices @ rotation.T, atol=1e-5)
+
+
+def test_unknown_up_is_a_user_error(tmp_path, ellipsoid_mesh):
+    mesh = vertex_colors_from_albedo(ellipsoid_mesh, albedo_fn)
+    with pytest.raises(UserError, match=r"--up 'x': expected one of y, z"):
+        write_mesh(mesh, tmp_path / "thing.ply", up="x")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_the_cli_help_lists_the_table():
@@ -146,8 +157,8 @@ def test_the_cli_help_lists_the_table():
     assert f"({', '.join(textured)})" in help_of["texture_size"]
 
 
-def _write_stl(mesh: trimesh.Trimesh, stem: str, center: bool) -> dict[str, bytes]:
-    """A writer of this test only: binary STL in the world's axes (it ignores ``center``)."""
+def _write_stl(mesh: trimesh.Trimesh, stem: str, center: bool, rotation: np.ndarray) -> dict[str, bytes]:
+    """A writer of this test only: binary STL in the world's axes (it ignores ``center`` and ``rotation``)."""
     from trimesh.exchange.stl import export_stl
 
     return {f"{stem}.stl": export_stl(mesh)}

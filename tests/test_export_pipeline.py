@@ -104,13 +104,13 @@ def test_real_field_export_run_writes_upright_coloured_files(box_run, fmt):
     notes = []
     paths = export_run(box_run, format=fmt, resolution=64, texture_size=256, log=notes.append)
     assert paths == [box_run / "export" / f"mesh.{fmt}"]
-    assert len(notes) == 1 and "(auto)" in notes[0] and "faces" in notes[0]
+    assert len(notes) == 2 and "(auto)" in notes[0] and "faces" in notes[0] and "outer surface" in notes[1]
     mesh = loaded_mesh(paths[0])
-    rotation = np.eye(3) if fmt == "ply" else WORLD_TO_Y_UP
+    rotation = WORLD_TO_Y_UP  # every format in glTF's frame by default
     extents = mesh.bounds[1] - mesh.bounds[0]
     np.testing.assert_allclose(mesh.bounds.mean(axis=0), 0.0, atol=1e-6)
     np.testing.assert_allclose(extents, rotation @ (2 * BOX_HALF), atol=0.06)
-    assert np.argmax(extents) == (2 if fmt == "ply" else 1)
+    assert np.argmax(extents) == 1
     world = mesh.vertices @ rotation + BOX_CENTER  # centred on the box (within the bbox tolerance)
     if fmt == "ply":
         got = mesh.visual.vertex_colors[:, :3] / 255.0

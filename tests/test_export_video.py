@@ -163,3 +163,61 @@ def test_real_field_video_and_bad_checkpoint(box_run, tmp_path):
     with pytest.raises(UserError, match="truncated"):
         render_run_video(broken, frames=2, size=16)
     assert sorted(p.name for p in broken.iterdir()) == ["checkpoints"]
+
+
+def test_mp4_is_tagged_bt709_and_gets_the_umask_mode(tmp_path):
+    # players guess an untagged video's colours differently; the file mode follows the user's umask
+    import subprocess
+
+    import imageio_ffmpeg
+
+    from nfsd_nerf.export.video_file import video_file
+
+    path = tmp_path / "red.mp4"
+    old = os.umask(0o022)
+    try:
+        with video_file(path, fps=10.0, quality=8.0) as video:
+            for _ in range(3):
+                video.append(np.tile(np.array([255, 0, 0], np.uint8), (32, 32, 1)))
+            video.finish()
+    finally:
+        os.umask(old)
+    assert path.stat().st_mode & 0o777 == 0o644
+    exe = imageio_ffmpeg.get_ffmpeg_exe()
+    info = subprocess.run([exe, "-hide_banner", "-i", str(path)], capture_output=True, text=True).stderr
+    stream = next(line for line in info.splitlines() if "Video:" in line)
+    assert "yuv420p(tv, bt709," in stream and "unknown" not in stream, stream  # matrix/primaries/transfer all bt709
+    raw = subprocess.run([exe, "-v", "error", "-i", str(path), "-frames:v", "1", "-f", "rawvideo", "-pix_fmt", "yuv420p", "-"],
+                         capture_output=True, check=True).stdout
+    assert abs(raw[0] - 63) <= 2  # pure red: Y = 16 + 219 * 0.2126 (BT.709), not BT.601's 81
+
+
+@pytest.mark.parametrize("axes", [(0.12, 0.1, 0.2), (0.3, 0.25, 0.5), (0.45, 0.45, 0.45)])
+def test_default_distance_frames_the_object(axes):
+    # small, tall and round objects all fill 50-85% of the frame height at the tallest view
+    from nfsd_nerf.export.video import render_frame, turntable_cameras
+
+    field = Ellipsoid(center=(0.05, -0.05, 0.0), axes=axes, width=0.02)
+    cams = turntable_cameras(field, 8, 15.0)
+    fractions = []
+    for i in range(len(cams)):
+        opacity = render_frame(field, White(), cams[i], 64, ("depth",), n_samples=128)["opacity"]
+        rows = (opacity >= 0.5).any(dim=1).nonzero()
+        fractions.append(float(rows.max() - rows.min() + 1) / 64)
+    assert 0.5 <= max(fractions) <= 0.85, fractions
+    assert min(fractions) > 0.4  # and no view loses it
+
+
+def test_distance_and_fovy_override_the_framing():
+    from nfsd_nerf.export.video import framing_distance, turntable_cameras
+
+    field = Ellipsoid()
+    cams = turntable_cameras(field, 4, 15.0, distance=3.0, fovy=40.0)
+    assert cams.c2w[:, :3, 3].norm(dim=-1).tolist() == pytest.approx([3.0] * 4, abs=1e-5)
+    # a unit cube seen from the side at elevation 0: the front face's height 1 at distance d - 0.5
+    # spans 1 / (2 (d - 0.5) tan(fovy / 2)) of the frame
+    cube = np.array([[x, y, z] for x in (-0.5, 0.5) for y in (-0.5, 0.5) for z in (-0.5, 0.5)])
+    d = framing_distance(cube, 60.0, 0.0, fill=0.75, azimuths=4)
+    assert 1 / (2 * (d - 0.5) * math.tan(math.radians(30))) == pytest.approx(0.75, rel=1e-4)
+    with pytest.raises(UserError, match="--distance"):
+        render_turntable(field, White(), out_dir=Path("/nonexistent"), frames=2, size=16, distance=-1.0)

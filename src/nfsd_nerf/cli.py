@@ -186,6 +186,9 @@ def export(
     threshold: str = typer.Option("auto", help='Density level of the surface: "auto" (from the field) or a number.'),
     texture_size: int = typer.Option(1024, help=f"Texture size in pixels ({', '.join(textured_formats())})."),
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint to export (default: the run's latest)."),
+    keep_inner: bool = typer.Option(False, "--keep-inner", help="Raw surface: keep inner shells, cavities and "
+                                    "pinholes (default: the outer surface only)."),
+    up: str = typer.Option("y", "--up", help="Axes of every format: y (glTF: Y up, front +Z) or z (Blender: Z up, front -Y)."),
 ) -> None:
     """Extract a coloured mesh into RUN_DIR/export/."""
 
@@ -204,7 +207,8 @@ def export(
         console = Console(soft_wrap=True)
         with console.status("extracting the surface and baking colours..."):
             paths = export_run(run_dir, format=format.lower(), resolution=resolution, threshold=level,
-                               texture_size=texture_size, checkpoint=checkpoint)
+                               texture_size=texture_size, checkpoint=checkpoint, keep_inner=keep_inner,
+                               up=up.lower(), log=console.print)
         for path in paths:
             console.print(f"wrote {path}")
 
@@ -221,6 +225,8 @@ def render_video(
     modes: str = typer.Option("rgb,normal,depth", help="Comma-separated: rgb, normal, depth."),
     gif: bool = typer.Option(False, "--gif", help="Also write a GIF of each mode."),
     checkpoint: Optional[Path] = typer.Option(None, help="Checkpoint to render (default: the run's latest)."),
+    distance: Optional[float] = typer.Option(None, help="Camera distance (default: frames the object)."),
+    fovy: Optional[float] = typer.Option(None, help="Vertical field of view in degrees (default: 70)."),
 ) -> None:
     """Render a turntable video (H.264 MP4) into RUN_DIR/video/."""
 
@@ -231,7 +237,7 @@ def render_video(
 
         console = Console(soft_wrap=True)
         mode_list = tuple(m.strip() for m in modes.split(",") if m.strip())
-        check_video_inputs(frames, size, fps, elevation, mode_list)  # before the progress bar prints
+        check_video_inputs(frames, size, fps, elevation, mode_list, distance=distance, fovy=fovy)  # before the bar
 
         def announce(seconds: float) -> None:
             console.print(f"{frames} frames at {size}x{size} ({', '.join(mode_list)}): about {_duration(seconds)} on this machine")
@@ -241,7 +247,7 @@ def render_video(
             paths = render_run_video(
                 run_dir, frames=frames, fps=fps, size=size, elevation=elevation, modes=mode_list, gif=gif,
                 checkpoint=checkpoint, progress=lambda done, total: bar.update(task, completed=done, total=total),
-                announce=announce,
+                announce=announce, distance=distance, fovy=fovy,
             )
         for path in paths:
             console.print(f"wrote {path}")

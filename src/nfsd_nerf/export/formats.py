@@ -5,19 +5,23 @@ help is built from it), whether it carries a baked texture or vertex colours, th
 writes, and a writer that turns a coloured mesh into those files' bytes. :func:`write_mesh` and
 ``export_field`` look formats up here and nowhere else; the unknown-format error lists the keys.
 
-Axes. The world is +Z up and the object's front faces +X (``cameras.py``). glTF is +Y up with the
-front of an asset facing +Z (glTF 2.0 spec, "Coordinate System and Units"); Blender's OBJ importer
-assumes the same (forward -Z, up Y by default). GLB and OBJ files therefore get the rotation
-``(x, y, z) -> (y, z, x)`` (a proper rotation: world up -> +Y, front -> +Z), so the object stands
-upright and faces the default camera in Blender (front view) and browser viewers. PLY keeps the
-world's axes (+Z up), which is what Blender's PLY importer expects by default.
+Axes. The world is +Z up and the object's front faces +X (``cameras.py``). Every format is written
+in one frame, chosen by ``up`` (``nfsd-nerf export --up``), so files imported together line up:
 
-Adding an export format: write one function ``_write_<name>(mesh, stem, center) -> {file name:
-bytes}`` that centres and rotates the mesh with :func:`_transformed` (into the format's axes)
-and encodes it in memory, then add one entry to :data:`FORMATS`: its description, whether it
-needs a texture, the file names it writes, the writer, and the rotation the writer applies
-(``world_to_file``, identity by default). The CLI, ``export_field`` and the contract test in
-``tests/test_export_formats.py`` pick it up from the table; nothing else changes.
+* ``"y"`` (default): glTF's convention, +Y up with the front facing +Z (glTF 2.0 spec, "Coordinate
+  System and Units"), which Blender's OBJ and PLY importers can also be told to assume; the
+  rotation :data:`WORLD_TO_Y_UP`, ``(x, y, z) -> (y, z, x)``.
+* ``"z"``: Blender's own convention, +Z up with the front facing -Y (what Blender's glTF importer
+  turns a glTF "front +Z" into); the rotation :data:`WORLD_TO_Z_UP`, ``(x, y, z) -> (y, -x, z)``.
+
+Both are proper rotations (det +1), applied to vertices and normals by :func:`_transformed`.
+
+Adding an export format: write one function ``_write_<name>(mesh, stem, center, rotation) ->
+{file name: bytes}`` that centres and rotates the mesh with :func:`_transformed` and encodes it in
+memory, then add one entry to :data:`FORMATS`: its description, whether it needs a texture, the
+file names it writes and the writer. The CLI, ``export_field`` and the contract test in
+``tests/test_export_formats.py`` (every format, both ``up`` choices) pick it up from the table;
+nothing else changes.
 
 This module imports only numpy at import time (the CLI builds its help from the table); trimesh
 is imported inside the writers.
@@ -26,7 +30,7 @@ is imported inside the writers.
 from __future__ import annotations
 
 import io
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -39,7 +43,18 @@ if TYPE_CHECKING:
     import trimesh
 
 WORLD_TO_Y_UP = np.array([[0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, 0.0, 0.0]])
-"""Rotation (det +1) taking world (x, y, z), +Z up / front +X, to glTF/OBJ (y, z, x), +Y up / front +Z."""
+"""Rotation (det +1) taking world (x, y, z), +Z up / front +X, to glTF's (y, z, x), +Y up / front +Z."""
+WORLD_TO_Z_UP = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])
+"""Rotation (det +1) taking world (x, y, z), +Z up / front +X, to Blender's (y, -x, z), +Z up / front -Y."""
+UP_AXES: dict[str, np.ndarray] = {"y": WORLD_TO_Y_UP, "z": WORLD_TO_Z_UP}
+"""``--up`` choices -> the rotation from world axes to the files' (see the module docstring)."""
+
+
+def check_up(up: str) -> np.ndarray:
+    """The rotation of an ``--up`` choice; :class:`UserError` naming the choices otherwise."""
+    if up not in UP_AXES:
+        raise UserError(f"--up {up!r}: expected one of {', '.join(UP_AXES)} (y: glTF, Y up; z: Blender, Z up)")
+    return UP_AXES[up]
 
 
 @dataclass(frozen=True)
@@ -52,12 +67,11 @@ class MeshFormat:
     """True: the mesh gets a baked texture (``bake_texture``) before writing; False: vertex colours."""
     files: Callable[[str], list[str]]
     """stem -> names of the files written, in the order they land."""
-    write: Callable[["trimesh.Trimesh", str, bool], dict[str, bytes]]
-    """(mesh in world units, +Z up; stem; centre it on its bounding box?) -> {name: bytes} for the
-    names of ``files(stem)``, in the order they must land (a file that names others comes last).
-    Writes nothing itself: :func:`write_mesh` does, atomically."""
-    world_to_file: np.ndarray = field(default_factory=lambda: np.eye(3), compare=False)
-    """Rotation [3, 3] (det +1) from world axes to the file's, as ``write`` applies it (the tests check)."""
+    write: Callable[["trimesh.Trimesh", str, bool, np.ndarray], dict[str, bytes]]
+    """(mesh in world units, +Z up; stem; centre it on its bounding box?; rotation [3, 3] from world
+    axes to the file's) -> {name: bytes} for the names of ``files(stem)``, in the order they must
+    land (a file that names others comes last). Writes nothing itself: :func:`write_mesh` does,
+    atomically."""
 
 
 # --------------------------------------------------------------------------- writers
@@ -90,22 +104,22 @@ def _texture_image(mesh: "trimesh.Trimesh", name: str):
     return image
 
 
-def _write_glb(mesh: "trimesh.Trimesh", stem: str, center: bool) -> dict[str, bytes]:
-    """Binary glTF 2.0, texture embedded as PNG, normals included; +Y up, front +Z."""
+def _write_glb(mesh: "trimesh.Trimesh", stem: str, center: bool, rotation: np.ndarray) -> dict[str, bytes]:
+    """Binary glTF 2.0, texture embedded as PNG, normals included."""
     import trimesh
     from trimesh.exchange.gltf import export_glb
 
     scene = trimesh.Scene()
-    scene.add_geometry(_transformed(mesh, WORLD_TO_Y_UP, center), geom_name=stem, node_name=stem)
+    scene.add_geometry(_transformed(mesh, rotation, center), geom_name=stem, node_name=stem)
     return {f"{stem}.glb": export_glb(scene, include_normals=True)}
 
 
-def _write_obj(mesh: "trimesh.Trimesh", stem: str, center: bool) -> dict[str, bytes]:
-    """OBJ text + MTL (white diffuse, no specular, so viewers show the texture as baked) + PNG;
-    +Y up, front +Z. The PNG and MTL land before the OBJ that names them."""
+def _write_obj(mesh: "trimesh.Trimesh", stem: str, center: bool, rotation: np.ndarray) -> dict[str, bytes]:
+    """OBJ text + MTL (white diffuse, no specular, so viewers show the texture as baked) + PNG.
+    The PNG and MTL land before the OBJ that names them."""
     from trimesh.exchange.obj import export_obj
 
-    mesh = _transformed(mesh, WORLD_TO_Y_UP, center)
+    mesh = _transformed(mesh, rotation, center)
     image = _texture_image(mesh, "obj")
     text, _ = export_obj(
         mesh, include_normals=True, include_color=False, include_texture=True, return_texture=True,
@@ -120,11 +134,11 @@ def _write_obj(mesh: "trimesh.Trimesh", stem: str, center: bool) -> dict[str, by
     return {f"{stem}.png": png.getvalue(), f"{stem}.mtl": mtl.encode(), f"{stem}.obj": text.encode()}
 
 
-def _write_ply(mesh: "trimesh.Trimesh", stem: str, center: bool) -> dict[str, bytes]:
-    """Binary PLY with vertex colours and normals, in the world's axes (+Z up)."""
+def _write_ply(mesh: "trimesh.Trimesh", stem: str, center: bool, rotation: np.ndarray) -> dict[str, bytes]:
+    """Binary PLY with vertex colours and normals."""
     from trimesh.exchange.ply import export_ply
 
-    return {f"{stem}.ply": export_ply(_transformed(mesh, np.eye(3), center), encoding="binary", vertex_normal=True)}
+    return {f"{stem}.ply": export_ply(_transformed(mesh, rotation, center), encoding="binary", vertex_normal=True)}
 
 
 # --------------------------------------------------------------------------- the table
@@ -133,12 +147,12 @@ def _write_ply(mesh: "trimesh.Trimesh", stem: str, center: bool) -> dict[str, by
 FORMATS: dict[str, MeshFormat] = {
     "glb": MeshFormat(
         "binary glTF with embedded texture", needs_texture=True,
-        files=lambda stem: [f"{stem}.glb"], write=_write_glb, world_to_file=WORLD_TO_Y_UP,
+        files=lambda stem: [f"{stem}.glb"], write=_write_glb,
     ),
     "obj": MeshFormat(
         "OBJ + MTL + PNG texture", needs_texture=True,
         files=lambda stem: [f"{stem}.png", f"{stem}.mtl", f"{stem}.obj"],
-        write=_write_obj, world_to_file=WORLD_TO_Y_UP,
+        write=_write_obj,
     ),
     "ply": MeshFormat(
         "binary PLY with vertex colours", needs_texture=False,
@@ -166,12 +180,13 @@ def mesh_format(name: str) -> MeshFormat:
 
 
 def write_mesh(
-    mesh: "trimesh.Trimesh", path: Path | str, format: str | None = None, *, center: bool = True
+    mesh: "trimesh.Trimesh", path: Path | str, format: str | None = None, *, center: bool = True, up: str = "y"
 ) -> list[Path]:
     """Write ``mesh`` (world units, +Z up, coloured as its format needs) to ``path``; returns the files written.
 
     ``format`` (a key of :data:`FORMATS`) defaults to the suffix; the files are the entry's
-    ``files(stem)`` beside ``path``, in the format's axes (module docstring). The mesh is centred
+    ``files(stem)`` beside ``path``, in the frame ``up`` picks (``"y"``: glTF's, ``"z"``: Blender's;
+module docstring), the same for every format. The mesh is centred
     on its bounding box first unless ``center=False``. Normals are always written.
 
     Atomic: every file is written in full under a temporary name before any is renamed into
@@ -182,12 +197,13 @@ def write_mesh(
     path = Path(path)
     name = (format or path.suffix.lstrip(".")).lower()
     spec = mesh_format(name)
+    rotation = check_up(up)
     path = path.with_suffix(f".{name}")
 
     # 1. Bytes, in memory (a failure here writes nothing)
     if spec.needs_texture:
         _texture_image(mesh, name)
-    files = spec.write(mesh, path.stem, center)
+    files = spec.write(mesh, path.stem, center, rotation)
     if list(files) != spec.files(path.stem):
         raise ValueError(f"the {name} writer returned {list(files)}, its table entry says {spec.files(path.stem)}")
 

@@ -17,7 +17,7 @@ from typing import Callable
 import torch
 
 from .extract import DEFAULT_CHUNK, DEFAULT_MAX_FACES, Threshold, check_extract_inputs, extract_mesh
-from .formats import MeshFormat, mesh_format, write_mesh
+from .formats import MeshFormat, check_up, mesh_format, write_mesh
 from .texture import albedo_fn_from_field, bake_texture, check_texture_size, vertex_colors_from_albedo
 
 
@@ -45,20 +45,26 @@ def export_field(
     occupancy=None,
     name: str = "mesh",
     chunk: int = DEFAULT_CHUNK,
+    keep_inner: bool = False,
+    up: str = "y",
     log: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """Extract, colour and write the field's mesh as ``out_dir/<name>.<format>`` (and the other
     files of the format's ``files(name)``, e.g. OBJ's .mtl and .png).
 
     Returns the paths written. Every bad input raises :class:`~nfsd_nerf.errors.UserError` before
-    anything is written. ``log`` receives one-line progress notes (threshold, face count) for the CLI.
+    anything is written. ``keep_inner``: the raw level set (inner shells, cavities and pinholes
+    kept) instead of the outer surface. ``up``: the files' axes, ``"y"`` (glTF) or ``"z"`` (Blender),
+    see :mod:`.formats`. ``log`` receives one-line progress notes (threshold, face count) for the CLI.
     """
     # 1. Check inputs
     spec = check_export_inputs(format, resolution, threshold, texture_size, max_faces)
+    check_up(up)
 
     # 2. Surface
     mesh = extract_mesh(
-        field, resolution=resolution, threshold=threshold, chunk=chunk, max_faces=max_faces, occupancy=occupancy
+        field, resolution=resolution, threshold=threshold, chunk=chunk, max_faces=max_faces, occupancy=occupancy,
+        keep_inner=keep_inner,
     )
     if log is not None:
         how = "auto" if threshold == "auto" else "given"
@@ -66,6 +72,9 @@ def export_field(
             f"surface at density {mesh.metadata['threshold']:.4g} ({how}): {len(mesh.faces)} faces, "
             f"{len(mesh.vertices)} vertices (lattice {mesh.metadata['resolution']}^3)"
         )
+        if not keep_inner:
+            log(f"outer surface only: {mesh.metadata['closed_points']} lattice points closed (pinholes, thin "
+                f"tunnels), {mesh.metadata['cavity_points']} filled (cavities); --keep-inner for the raw surface")
 
     # 3. Colours
     albedo_fn = albedo_fn_from_field(field, chunk)
@@ -75,7 +84,7 @@ def export_field(
         mesh = vertex_colors_from_albedo(mesh, albedo_fn)
 
     # 4. Files
-    return write_mesh(mesh, Path(out_dir) / f"{name}.{format}", format)
+    return write_mesh(mesh, Path(out_dir) / f"{name}.{format}", format, up=up)
 
 
 def export_run(
@@ -88,6 +97,8 @@ def export_run(
     checkpoint: Path | str | None = None,
     max_faces: int | None = DEFAULT_MAX_FACES,
     device: torch.device | str = "cpu",
+    keep_inner: bool = False,
+    up: str = "y",
     log: Callable[[str], None] | None = None,
 ) -> list[Path]:
     """``nfsd-nerf export``: load a run's checkpoint (latest by default) and write ``RUN_DIR/export/mesh.<format>``.
@@ -96,6 +107,7 @@ def export_run(
     from ..checkpoint import load_run
 
     check_export_inputs(format, resolution, threshold, texture_size, max_faces)
+    check_up(up)
     run = load_run(Path(run_dir), None if checkpoint is None else Path(checkpoint), device=device)
     return export_field(
         run.field,
@@ -106,5 +118,7 @@ def export_run(
         texture_size=texture_size,
         max_faces=max_faces,
         occupancy=run.occupancy,
+        keep_inner=keep_inner,
+        up=up,
         log=log,
     )

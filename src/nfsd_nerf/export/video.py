@@ -1,7 +1,8 @@
 """Turntable videos of a field: the published evaluation orbit (docs/design.md, sections 7 and 9) as H.264 MP4.
 
-Cameras: :data:`~nfsd_nerf.cameras.TURNTABLE_ORBIT` (distance 2.0, fovy 70 deg) at a fixed
-elevation, the light at the camera. Each frame is rendered in ray chunks under ``no_grad`` (a
+Cameras: :data:`~nfsd_nerf.cameras.TURNTABLE_ORBIT`'s fovy (70 deg) at a fixed elevation, the
+light at the camera, at a distance that frames the object (:func:`turntable_cameras`: it spans
+``FRAME_FILL`` of the frame height; ``distance`` / ``fovy`` override). Each frame is rendered in ray chunks under ``no_grad`` (a
 512x512 frame fits in CPU memory) and streamed to the encoder, so memory does not grow with the
 frame count (except ``depth``, whose grey scale is normalised over the whole video and so is
 written at the end). Each file is encoded under a temporary name, read back (every frame must be
@@ -20,6 +21,7 @@ one wants to see anyway.
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -121,11 +123,105 @@ def image_from_depth(depth: np.ndarray, opacity: np.ndarray, near: float, far: f
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
+# --------------------------------------------------------------------------- framing
+
+FRAME_FILL = 0.75
+"""Fraction of the frame height the object's occupied cells span at the tallest turntable view (the
+object itself is up to a cell smaller), inside the 50-85% we aim for."""
+
+
+def cell_corners(cells: np.ndarray, lo: float, size: float) -> np.ndarray:
+    """Corners of the hull of cubic cells (int [N, 3] indices, cell i spans lo + [i, i + 1] size) ->
+    [M, 3] world points: the convex hull's vertices, so framing costs the same for any object."""
+    from scipy.spatial import ConvexHull
+
+    offsets = np.array([[x, y, z] for x in (0, 1) for y in (0, 1) for z in (0, 1)])
+    points = (lo + (cells[:, None, :] + offsets[None]) * size).reshape(-1, 3)
+    points = np.unique(points, axis=0)
+    try:
+        return points[ConvexHull(points).vertices]
+    except Exception:  # degenerate (flat) sets: every point
+        return points
+
+
+def framing_distance(points: np.ndarray, fovy_deg: float, elevation_deg: float,
+                     fill: float = FRAME_FILL, azimuths: int = 72) -> float:
+    """Camera distance at which ``points`` [N, 3] (an object's hull) span ``fill`` of the frame height
+    at the tallest view of a turntable (cameras on a circle at ``elevation_deg``, looking at the
+    origin, Z up).
+
+    Why: a fixed distance leaves a small object a speck and crops a large one. Bisection on the
+    distance (the projected height shrinks as the camera recedes); never closer than 1.05 times
+    the farthest point, so the camera stays outside the object.
+    """
+    e = math.radians(elevation_deg)
+    a = np.linspace(0.0, 2 * math.pi, azimuths, endpoint=False)
+    dirs = np.stack([math.cos(e) * np.cos(a), math.cos(e) * np.sin(a), np.full_like(a, math.sin(e))], -1)  # [A, 3]
+    forward = -dirs
+    right = np.cross(forward, [0.0, 0.0, 1.0])
+    right /= np.linalg.norm(right, axis=-1, keepdims=True)
+    up = np.cross(right, forward)
+    half = math.tan(math.radians(fovy_deg) / 2)
+
+    def height(d: float) -> float:
+        v = points[None] - d * dirs[:, None]  # [A, N, 3] from each camera
+        y = np.einsum("acd,ad->ac", v, up) / np.einsum("acd,ad->ac", v, forward)
+        return float((y.max(axis=1) - y.min(axis=1)).max() / (2 * half))
+
+    near = 1.05 * float(np.linalg.norm(points, axis=-1).max())
+    if height(near) <= fill:
+        return near
+    far = near
+    while height(far) > fill:
+        far *= 2
+    for _ in range(50):
+        mid = 0.5 * (near + far)
+        near, far = (mid, far) if height(mid) > fill else (near, mid)
+    return far
+
+
+def object_points(field, occupancy=None, resolution: int = 64) -> np.ndarray | None:
+    """Hull points of the object: cells around the lattice points at or above the export's auto
+    threshold on a ``resolution``^3 density lattice (what the surface is), evaluated only in the
+    occupancy grid's occupied cells when there is one; None if the field is empty.
+
+    Not the occupied cells themselves: the grid keeps every cell whose alpha tops a low threshold,
+    which on a trained run spans far more than the visible object (measured on the quick-start cube:
+    framing by cells left it at 31% of the frame height).
+    """
+    from .extract import lattice_mask_from_occupancy, sample_density_grid, threshold_from_density_grid
+
+    bound = float(field.bound)
+    mask = None if occupancy is None else lattice_mask_from_occupancy(occupancy.binaries, bound, resolution)
+    grid = sample_density_grid(field.density, bound, resolution, mask=mask, device=module_device(field))
+    spacing = 2 * bound / (resolution - 1)
+    try:
+        level = threshold_from_density_grid(grid, spacing)
+    except UserError:
+        return None
+    return cell_corners(np.argwhere(grid >= level), -bound - 0.5 * spacing, spacing)
+
+
+def turntable_cameras(field, frames: int, elevation: float, *, occupancy=None, distance: float | None = None,
+                      fovy: float | None = None) -> Cameras:
+    """The turntable's cameras: TURNTABLE_ORBIT's fovy, at a distance that frames the object
+    (:func:`framing_distance` of :func:`object_points`; the orbit's 2.0 for an empty field) unless
+    ``distance`` / ``fovy`` are given."""
+    from ..cameras import orbit_cameras
+
+    fovy = TURNTABLE_ORBIT.fovy_deg if fovy is None else float(fovy)
+    if distance is None:
+        points = object_points(field, occupancy)
+        distance = TURNTABLE_ORBIT.distance if points is None else framing_distance(points, fovy, float(elevation))
+    return orbit_cameras(frames, distance=float(distance), fovy_deg=fovy, elevation_deg=float(elevation),
+                         start_azimuth_deg=TURNTABLE_ORBIT.start_azimuth_deg)
+
+
 # --------------------------------------------------------------------------- rendering
 
 
 def check_video_inputs(frames: int, size: int, fps: float, elevation: float, modes: Sequence[str],
-                       device: str = "cpu") -> tuple[str, ...]:
+                       device: str = "cpu", distance: float | None = None, fovy: float | None = None) -> tuple[str, ...]:
     """Validate the command's inputs once, the memory a frame needs on ``device`` included (before the
     run loads or ``video/`` exists); returns the modes as a tuple. Messages quote the bad value."""
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
@@ -136,6 +232,10 @@ def check_video_inputs(frames: int, size: int, fps: float, elevation: float, mod
         raise UserError(f"fps must be a number in (0, 240], got {fps!r}")
     if not isinstance(elevation, (int, float)) or not -89.0 <= elevation <= 89.0:
         raise UserError(f"elevation must be in [-89, 89] degrees, got {elevation!r}")
+    if distance is not None and not (isinstance(distance, (int, float)) and math.isfinite(distance) and distance > 0):
+        raise UserError(f"--distance must be a positive number, got {distance!r}")
+    if fovy is not None and not (isinstance(fovy, (int, float)) and 1.0 <= fovy <= 170.0):
+        raise UserError(f"--fovy must be in [1, 170] degrees, got {fovy!r}")
     modes = tuple(modes)
     unknown = [m for m in modes if m not in MODES]
     if not modes or unknown:
@@ -218,6 +318,8 @@ def estimate_seconds(
     elevation: float = TURNTABLE_ORBIT.elevation_deg,
     probe_size: int = 128,
     normals: Literal["depth", "field"] = "depth",
+    distance: float | None = None,
+    fovy: float | None = None,
 ) -> float:
     """Projected wall time of :func:`render_turntable`, in seconds.
 
@@ -227,7 +329,7 @@ def estimate_seconds(
     (~1-3 s at 128 on 2 CPU cores); within ~30% of the real time in our measurements.
     """
     probe = min(int(size), int(probe_size))
-    cams = TURNTABLE_ORBIT.cameras(3, elevation_deg=float(elevation))
+    cams = turntable_cameras(field, 3, elevation, occupancy=occupancy, distance=distance, fovy=fovy)
     kwargs = dict(occupancy=occupancy, n_samples=n_samples, normals=normals)
     render_frame(field, background, cams[0], 16, modes, **kwargs)  # warm-up (allocations, lazy imports)
     times = []
@@ -256,22 +358,27 @@ def render_turntable(
     normals: Literal["depth", "field"] = "depth",
     name: str = "turntable",
     progress: Progress | None = None,
+    distance: float | None = None,
+    fovy: float | None = None,
 ) -> list[Path]:
-    """Render the evaluation orbit and write ``out_dir/<name>_<mode>.mp4`` (and ``.gif`` if asked).
+    """Render the turntable orbit and write ``out_dir/<name>_<mode>.mp4`` (and ``.gif`` if asked).
 
     field/background: as for :func:`~nfsd_nerf.render.render_image`; ``occupancy`` and
     ``n_samples`` should be the run's. ``frames`` views evenly spaced in azimuth starting at the
     front (azimuth 0), ``size`` x ``size`` pixels (even, for yuv420p), ``quality`` 0-10 (imageio's
     scale; 8 is x264 CRF 10). Every file is written under a temporary name and renamed when
     complete; on any error (or Ctrl-C) the temporary files are removed. Returns the paths written.
+    ``distance`` / ``fovy``: the camera's; by default TURNTABLE_ORBIT's fovy at a distance that frames
+    the object (:func:`turntable_cameras`).
     (One function of numbered stages, longer than most: they share the open writers.)
     """
     # 1. Check inputs
-    modes = check_video_inputs(frames, size, fps, elevation, modes, device=str(module_device(field)))
+    modes = check_video_inputs(frames, size, fps, elevation, modes, device=str(module_device(field)),
+                               distance=distance, fovy=fovy)
     if normals not in ("depth", "field"):
         raise UserError(f"normals must be 'depth' or 'field', got {normals!r}")
     out_dir = Path(out_dir)
-    cams = TURNTABLE_ORBIT.cameras(frames, elevation_deg=float(elevation))
+    cams = turntable_cameras(field, frames, elevation, occupancy=occupancy, distance=distance, fovy=fovy)
     suffixes = (".mp4", ".gif") if gif else (".mp4",)
 
     # 2. Open one writer per output, each on a temporary file; entered in reverse so that the
@@ -338,15 +445,18 @@ def render_run_video(
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
     announce: Callable[[float], None] | None = None,
+    distance: float | None = None,
+    fovy: float | None = None,
 ) -> list[Path]:
     """``nfsd-nerf render-video``: load a run (latest checkpoint by default) and write
     ``RUN_DIR/video/turntable_<mode>.mp4``. ``announce(seconds)`` receives the projected render
     time before rendering starts (the CLI prints it)."""
     from ..checkpoint import load_run
 
-    check_video_inputs(frames, size, fps, elevation, modes, device=str(device))
+    check_video_inputs(frames, size, fps, elevation, modes, device=str(device), distance=distance, fovy=fovy)
     run = load_run(Path(run_dir), None if checkpoint is None else Path(checkpoint), device=device)
-    kwargs = dict(occupancy=run.occupancy, n_samples=run.config.render.n_samples, normals=normals)
+    kwargs = dict(occupancy=run.occupancy, n_samples=run.config.render.n_samples, normals=normals,
+                  distance=distance, fovy=fovy)
     if announce is not None:
         announce(
             estimate_seconds(run.field, run.background, frames=frames, size=size, modes=modes, elevation=elevation, **kwargs)

@@ -18,6 +18,17 @@ from ..errors import UserError, first_line
 from ..files import atomic_target
 
 
+BT709_TAGS = [
+    "-vf", "setparams=color_primaries=bt709:color_trc=bt709:colorspace=bt709",
+    "-colorspace", "bt709", "-color_primaries", "bt709", "-color_trc", "bt709",
+]
+"""Colour tags of every MP4 (matrix, primaries, transfer: BT.709). Untagged H.264 is read as BT.601
+by some players and BT.709 by others, so colours shifted between them. The output options alone
+tagged only the matrix with the bundled ffmpeg (9.0: primaries and transfer stayed "unknown");
+``setparams`` tags the frames, so the encoder writes all three, and the RGB -> YUV conversion
+uses the BT.709 matrix (pure red encodes to Y = 63, not BT.601's 81; tests/test_export_video.py)."""
+
+
 class VideoFile:
     """One output file, encoded into a temporary file beside it (:func:`~nfsd_nerf.files.atomic_target`):
     :meth:`append` frames, then :meth:`finish` closes the encoder and checks that the file holds every
@@ -44,7 +55,7 @@ class VideoFile:
                 pixelformat="yuv420p",
                 macro_block_size=2,
                 ffmpeg_log_level="error",
-                output_params=["-movflags", "+faststart"],
+                output_params=["-movflags", "+faststart", *BT709_TAGS],
             )
 
     def append(self, frame: np.ndarray) -> None:

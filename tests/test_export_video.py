@@ -195,7 +195,8 @@ def test_mp4_is_tagged_bt709_and_gets_the_umask_mode(tmp_path):
 @pytest.mark.parametrize("axes", [(0.12, 0.1, 0.2), (0.3, 0.25, 0.5), (0.45, 0.45, 0.45)])
 def test_default_distance_frames_the_object(axes):
     # small, tall and round objects all fill 50-85% of the frame height at the tallest view
-    from nfsd_nerf.export.video import render_frame, turntable_cameras
+    from nfsd_nerf.export.framing import turntable_cameras
+    from nfsd_nerf.export.video import render_frame
 
     field = Ellipsoid(center=(0.05, -0.05, 0.0), axes=axes, width=0.02)
     cams = turntable_cameras(field, 8, 15.0)
@@ -209,7 +210,7 @@ def test_default_distance_frames_the_object(axes):
 
 
 def test_distance_and_fovy_override_the_framing():
-    from nfsd_nerf.export.video import framing_distance, turntable_cameras
+    from nfsd_nerf.export.framing import framing_distance, turntable_cameras
 
     field = Ellipsoid()
     cams = turntable_cameras(field, 4, 15.0, distance=3.0, fovy=40.0)

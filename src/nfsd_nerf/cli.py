@@ -233,6 +233,7 @@ def render_video(
     def body():
         from rich.console import Console
 
+        from .batch.report import format_duration
         from .export.video import check_video_inputs, render_run_video
 
         console = Console(soft_wrap=True)
@@ -240,7 +241,7 @@ def render_video(
         check_video_inputs(frames, size, fps, elevation, mode_list, distance=distance, fovy=fovy)  # before the bar
 
         def announce(seconds: float) -> None:
-            console.print(f"{frames} frames at {size}x{size} ({', '.join(mode_list)}): about {_duration(seconds)} on this machine")
+            console.print(f"{frames} frames at {size}x{size} ({', '.join(mode_list)}): about {format_duration(seconds)} on this machine")
 
         with _rich_progress(console, "render") as bar:
             task = bar.add_task("render", total=frames)
@@ -280,14 +281,6 @@ def doctor(
             raise typer.Exit(code=1)
 
     run_command(body)
-
-
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{seconds:.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 @app.command()

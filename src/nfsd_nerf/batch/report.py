@@ -152,7 +152,7 @@ class LiveTable:
         for record in shown:
             sps = record.seconds_per_step
             remaining = max(0, record.spec.config.train.steps - record.step)
-            eta = _duration(remaining * sps) if sps and record.state == "running" else ""
+            eta = format_duration(remaining * sps) if sps and record.state == "running" else ""
             style = {"done": "green", "failed": "red", "stale": "yellow", "interrupted": "yellow", "running": "bold"}
             state = f"[{style[record.state]}]{record.state}[/]" if record.state in style else record.state
             table.add_row(record.spec.label, state, f"{record.step}/{record.spec.config.train.steps}",
@@ -166,7 +166,7 @@ class LiveTable:
             counts[record.state] = counts.get(record.state, 0) + 1
         text = ", ".join(f"{n} {state}" for state, n in counts.items())
         eta = self.batch_eta()
-        return f"{len(self.records)} runs: {text}" + (f"; batch ETA {_duration(eta)}" if eta is not None else "")
+        return f"{len(self.records)} runs: {text}" + (f"; batch ETA {format_duration(eta)}" if eta is not None else "")
 
     def batch_eta(self) -> float | None:
         """Seconds until every pending and running run is done, at the speeds measured so far."""
@@ -181,7 +181,8 @@ class LiveTable:
         return work / max(1, min(self.slots, len(todo)))
 
 
-def _duration(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """``"42 s"``, ``"3.5 min"`` or ``"2.1 h"``: an ETA people read at a glance."""
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:

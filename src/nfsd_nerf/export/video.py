@@ -288,17 +288,10 @@ def render_turntable(
     cams = turntable_cameras(field, frames, elevation, occupancy=occupancy, distance=distance, fovy=fovy)
     suffixes = (".mp4", ".gif") if gif else (".mp4",)
 
-    # 2. Open one writer per output, each on a temporary file; entered in reverse so that the
-    #    stack, unwinding last-in first-out, renames them in order
+    # 2. Open one writer per output, each on a temporary file
     paths = {(mode, suffix): out_dir / f"{name}_{mode}{suffix}" for mode in modes for suffix in suffixes}
-    writers: dict[tuple[str, str], VideoFile] = {}
     with ExitStack() as stack:
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            for key in reversed(paths):
-                writers[key] = stack.enter_context(video_file(paths[key], fps, quality))
-        except OSError as exc:
-            raise UserError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
+        writers = _open_writers(stack, paths, out_dir, fps, quality)
 
         # 3. Render and stream frames (depth is buffered for its global grey scale)
         depth_frames, opacity_frames = [], []
@@ -320,12 +313,7 @@ def render_turntable(
 
         # 4. Depth, normalised over the whole video
         if "depth" in modes:
-            depth, opacity = np.stack(depth_frames), np.stack(opacity_frames).astype(np.float32)
-            near, far = depth_range_from_frames(depth, opacity)
-            for d, a in zip(depth, opacity):
-                frame = rgb8_from_unit(image_from_depth(d, a, near, far))
-                for suffix in suffixes:
-                    writers["depth", suffix].append(frame)
+            _write_depth([writers["depth", suffix] for suffix in suffixes], depth_frames, opacity_frames)
 
         # 5. Close every encoder and check every file reads back complete, then rename them all into
         #    place (on any error above, leaving the block closes and removes the temporary files instead)
@@ -336,6 +324,30 @@ def render_turntable(
         except OSError as exc:
             raise UserError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
     return list(paths.values())
+
+
+def _open_writers(stack: ExitStack, paths: dict[tuple[str, str], Path], out_dir: Path, fps: float,
+                  quality: float) -> dict[tuple[str, str], VideoFile]:
+    """One writer per output on a temporary file, held by ``stack``; entered in reverse so that the
+    stack, unwinding last-in first-out, renames them in order."""
+    writers: dict[tuple[str, str], VideoFile] = {}
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for key in reversed(paths):
+            writers[key] = stack.enter_context(video_file(paths[key], fps, quality))
+    except OSError as exc:
+        raise UserError(f"cannot write to {out_dir}: {exc.strerror or exc}") from None
+    return writers
+
+
+def _write_depth(writers: list[VideoFile], depth_frames: list[np.ndarray], opacity_frames: list[np.ndarray]) -> None:
+    """Depth frames [H, W] grey-scaled over the whole video (one near/far for every frame)."""
+    depth, opacity = np.stack(depth_frames), np.stack(opacity_frames).astype(np.float32)
+    near, far = depth_range_from_frames(depth, opacity)
+    for d, a in zip(depth, opacity):
+        frame = rgb8_from_unit(image_from_depth(d, a, near, far))
+        for writer in writers:
+            writer.append(frame)
 
 
 def render_run_video(

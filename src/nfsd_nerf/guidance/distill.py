@@ -17,7 +17,7 @@ from torch import Tensor
 from ..errors import UserError
 from ..profiling import stage
 from .perp_neg import perp_neg_direction, perp_neg_weights
-from .prior import DiffusionPrior
+from .prior import DiffusionPrior, noised_from_clean
 from .prompts import view_texts
 from .rules import RULES, Predictions, threshold_for_schedule, weight_from_timesteps
 
@@ -50,6 +50,15 @@ def stepped_t_max(t_max: float, t_min: float, t_max_after: float | None, after_s
     if t_max_after is None or step is None or step <= after_step:
         return t_max
     return max(t_min, t_max_after)
+
+
+def draw_timesteps_and_noise(z: Tensor, num_train_timesteps: int, t_min: float, t_max: float,
+                             generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """One step's draws from the caller's generator, in a fixed order (t, then the noise): integer
+    t [B] on the CPU and noise float32 shaped like z [B, ...] on z's device."""
+    t = sample_timesteps(z.shape[0], num_train_timesteps, t_min, t_max, generator).cpu()
+    noise = torch.randn(z.shape, generator=generator, device=generator.device).to(z.device, torch.float32)
+    return t, noise
 
 
 def surrogate_loss(z: Tensor, grad: Tensor) -> Tensor:
@@ -127,14 +136,12 @@ class ScoreDistillation:
         g = self.cfg
         t_max = annealed_t_max(g.t_min, g.t_max, g.t_max_end, progress)
         t_max = stepped_t_max(t_max, g.t_min, g.t_max_after, g.t_max_after_step, step)
-        t_cpu = sample_timesteps(batch, prior.num_train_timesteps, g.t_min, t_max, generator).cpu()
-        noise = torch.randn(z.shape, generator=generator, device=generator.device).to(z.device, torch.float32)
+        t_cpu, noise = draw_timesteps_and_noise(z, prior.num_train_timesteps, g.t_min, t_max, generator)
         t = t_cpu.to(z.device)
 
         with torch.no_grad():
             # 2. Noised latents.
-            ab = prior.alphas_cumprod[t].float().reshape(-1, *([1] * (z.dim() - 1)))
-            z_t = ab.sqrt() * z.detach().float() + (1.0 - ab).sqrt() * noise
+            z_t = noised_from_clean(z.detach().float(), noise, prior.alphas_cumprod[t])
 
             # 3. One batched prediction: cond (B) + uncond (B) + negative rows only where needed;
             #    a rule's state adds its own (VSD: the LoRA model's, B rows).

@@ -27,8 +27,8 @@ from .. import files
 from ..cameras import orbit_cameras
 from ..errors import UserError
 from .dds import EDIT_RULES, EditPredictions
-from .distill import ScoreDistillation, annealed_t_max, sample_timesteps, surrogate_loss
-from .prior import DiffusionPrior
+from .distill import ScoreDistillation, annealed_t_max, draw_timesteps_and_noise, surrogate_loss
+from .prior import DiffusionPrior, noised_from_clean
 from .rules import RULES, weight_from_timesteps
 
 if TYPE_CHECKING:
@@ -153,13 +153,12 @@ class EditDistillation:
         if len(prompts) != batch:
             raise ValueError(f"got {len(prompts)} prompts for a batch of {batch}")
         t_max = annealed_t_max(g.t_min, g.t_max, g.t_max_end, progress)
-        t_cpu = sample_timesteps(batch, prior.num_train_timesteps, g.t_min, t_max, generator).cpu()
-        noise = torch.randn(z.shape, generator=generator, device=generator.device).to(z.device, torch.float32)
+        t_cpu, noise = draw_timesteps_and_noise(z, prior.num_train_timesteps, g.t_min, t_max, generator)
         t = t_cpu.to(z.device)
         with torch.no_grad():
-            ab = prior.alphas_cumprod[t].float().reshape(-1, *([1] * (z.dim() - 1)))
-            z_t = ab.sqrt() * z.detach().float() + (1.0 - ab).sqrt() * noise
-            source_t = ab.sqrt() * self.source.to(z.device).expand_as(z_t) + (1.0 - ab).sqrt() * noise
+            ab_t = prior.alphas_cumprod[t]
+            z_t = noised_from_clean(z.detach().float(), noise, ab_t)
+            source_t = noised_from_clean(self.source.to(z.device).expand_as(z_t), noise, ab_t)  # the same noise
             embeddings = prior.embed([*prompts, "", self.source_prompt])  # [B + 2, ...]
             pick = torch.cat([torch.arange(batch), torch.full((batch,), batch), torch.full((batch,), batch + 1),
                               torch.full((batch,), batch)])  # rows: y on z_t | 0 on z_t | ys on zs_t | 0 on zs_t

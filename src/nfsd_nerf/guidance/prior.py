@@ -75,3 +75,10 @@ def eps_from_sample_prediction(z0: Tensor, z_t: Tensor, alphas_cumprod_t: Tensor
     """Epsilon from a clean-sample prediction: ``eps = (z_t - sqrt(ab_t) * z0) / sqrt(1 - ab_t)``."""
     ab = alphas_cumprod_t.reshape(-1, *([1] * (z0.dim() - 1))).to(z0)
     return (z_t - ab.sqrt() * z0) / (1.0 - ab).sqrt()
+
+
+def noised_from_clean(z0: Tensor, noise: Tensor, alphas_cumprod_t: Tensor) -> Tensor:
+    """The forward process ``z_t = sqrt(ab_t) * z0 + sqrt(1 - ab_t) * noise``: z0, noise [N, C, h, w]
+    float32, ``alphas_cumprod_t`` [N] (one ``ab_t`` per sample)."""
+    ab = alphas_cumprod_t.float().reshape(-1, *([1] * (z0.dim() - 1)))
+    return ab.sqrt() * z0 + (1.0 - ab).sqrt() * noise

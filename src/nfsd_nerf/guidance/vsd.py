@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import UserError
+from .prior import noised_from_clean
 
 if TYPE_CHECKING:
     from ..cameras import Cameras
@@ -125,8 +126,7 @@ class VSDState:
         drop = float(torch.rand((), generator=generator, device=generator.device)) < CAMERA_DROPOUT
         z0, t, noise = z.detach().float(), t.to(z.device), noise.to(z.device, torch.float32)
         ab = prior.alphas_cumprod[t].float()
-        ab4 = ab.reshape(-1, *([1] * (z0.dim() - 1)))
-        z_t = ab4.sqrt() * z0 + (1.0 - ab4).sqrt() * noise
+        z_t = noised_from_clean(z0, noise, ab)
         target = diffusion_target(prior.prediction_type, z0, noise, ab)
         condition = camera_condition(cameras, batch, drop)
         self.optimizer.zero_grad(set_to_none=True)

@@ -5,7 +5,7 @@ WHEELHOUSE ?= wheelhouse
 # The GPU box's own Python (with its CUDA torch): the GPU check installs into it, never a torch.
 GPU_PY ?= python3
 
-.PHONY: install test bench clean wheelhouse gpu-check
+.PHONY: install test bench check-full-size clean wheelhouse gpu-check
 
 install:
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -20,6 +20,11 @@ test:
 
 bench:
 	$(PY) benchmarks/run.py
+
+# One `nfsd-nerf train` step with the full-size SD 2.1-base architecture (random weights) on the CPU:
+# finite loss, checkpoint, summary, peak RSS <= 12 GiB; ~5 GB of disk, a few minutes. Not part of `make test`.
+check-full-size:
+	$(PY) benchmarks/check_full_size.py
 
 # What a bare CUDA box lacks (never torch), as CPython 3.12 manylinux wheels: run where an index is reachable.
 wheelhouse:

@@ -277,3 +277,18 @@ def test_perp_neg_is_refused_before_a_run_folder_exists(tmp_path, args, message)
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_first_step_renders_through_a_refreshed_occupancy_grid(tiny_sd_path, tmp_path):
+    """The grid starts all occupied; a new run reads it from the initial field before step 0 (nerfacc's
+    schedule), so the first render already skips empty space instead of sampling the whole box."""
+    out = tmp_path / "outputs"
+    result = runner.invoke(app, [
+        "train", "a hamburger", "--model", str(tiny_sd_path), "--offline", "--config", "configs/cpu-tiny.yaml",
+        "--steps", "1", "--size", "16", "--out", str(out), *FAST, "--set", "render.occupancy_update_every=1000",
+    ])
+    assert result.exit_code == 0, result.output
+    tensors = load_file(str(only_run(out) / "checkpoints" / "final.safetensors"))
+    binaries = next(v for k, v in tensors.items() if k.endswith("binaries"))
+    occupied = binaries.float().mean().item()
+    assert 0.0 < occupied < 0.5  # the starting blob, not the whole box

@@ -205,6 +205,7 @@ def _prepare_run(trainer: Trainer, resume: Checkpoint | None) -> bool:
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
     if resume is None:
         write_config(run_dir, cfg)
+        trainer.refresh_occupancy(0)
         trainer.save(LATEST)
         return True
     trainer.restore(resume)

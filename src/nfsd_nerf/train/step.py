@@ -183,6 +183,14 @@ class Trainer:
         rule_state = getattr(self.distill, "state", None)
         return {} if rule_state is None else {f"rule.{k}": v for k, v in rule_state.state_dict().items()}
 
+    def refresh_occupancy(self, step: int) -> None:
+        """Re-read the occupancy grid from the field's density (before ``step``). A new run calls it once
+        before step 0, as nerfacc's schedule does: the grid starts all occupied, and the first render
+        through it would otherwise sample all of the box (the full-size check's peak memory came from
+        that one step)."""
+        step_size = step_size_from_samples(self.cfg.field.bound, self.cfg.render.n_samples)
+        self.scene.occupancy.update(step, self.scene.field.density, step_size=step_size, generator=self.generator)
+
     # ----- one step
 
     def train_step(self) -> StepResult:
@@ -226,8 +234,7 @@ class Trainer:
         # 6. Occupancy refresh
         if occupancy_refresh_due(step, cfg.render):
             with stage("occupancy"):
-                step_size = step_size_from_samples(cfg.field.bound, cfg.render.n_samples)
-                scene.occupancy.update(step + 1, scene.field.density, step_size=step_size, generator=gen)
+                self.refresh_occupancy(step + 1)
 
         self.step += 1
         return StepResult(

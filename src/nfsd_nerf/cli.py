@@ -257,6 +257,35 @@ def render_video(
 
 
 @app.command()
+def report(
+    folders: list[Path] = typer.Argument(..., help="A run folder, several run folders (compared), or a batch folder."),
+    out: Optional[Path] = typer.Option(None, help="Report folder (default: RUN/report or BATCH/report; needed for "
+                                       "several runs). Replaced only once the new report is complete."),
+    make_missing: bool = typer.Option(False, "--make-missing", help="First export mesh.glb and render the "
+                                      "turntables of runs that lack them."),
+    size: int = typer.Option(256, help="With --make-missing: turntable size in pixels."),
+    frames: int = typer.Option(60, help="With --make-missing: turntable frames."),
+    resolution: int = typer.Option(256, help="With --make-missing: the mesh's marching-cubes resolution."),
+) -> None:
+    """Write a self-contained HTML report (report/index.html): facts, 3D model, turntables, previews, curves."""
+
+    def body():
+        import time
+
+        from rich.console import Console
+
+        from .report import MakeMissing, build_report
+
+        console = Console(soft_wrap=True)
+        started = time.perf_counter()
+        missing = MakeMissing(size=size, frames=frames, resolution=resolution) if make_missing else None
+        page = build_report(folders, out=out, missing=missing, log=console.print)
+        console.print(f"wrote {page} in {time.perf_counter() - started:.1f} s (open it in a browser; no network needed)")
+
+    run_command(body)
+
+
+@app.command()
 def doctor(
     model: str = typer.Option(DEFAULT_MODEL, help='The --model train would use: hub id, local diffusers folder, or "builtin".'),
     revision: Optional[str] = typer.Option(None, help="Hub revision of --model."),

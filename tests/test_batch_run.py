@@ -249,3 +249,22 @@ def test_ctrl_c_saves_every_running_run_and_the_same_command_resumes(tmp_path):
     (run,) = json.loads((root / "batch.json").read_text())["runs"]
     assert run["state"] == "done" and run["action"] == "resume"
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == list(range(1, 1501))
+
+
+def test_restarting_a_run_empties_its_folder_only_under_the_run_lock(tmp_path):
+    import fcntl
+
+    from nfsd_nerf.batch.folders import clear_run_folder
+    from nfsd_nerf.errors import UserError
+    from nfsd_nerf.files import RUN_LOCK
+
+    run = tmp_path / "001"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n')
+    with open(run / RUN_LOCK, "a+") as held:  # a `train --resume` still running in the folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match="cannot restart that run until it ends"):
+            clear_run_folder(run)
+        assert (run / "metrics.jsonl").exists() and (run / "checkpoints").is_dir()
+    clear_run_folder(run)
+    assert [p.name for p in run.iterdir()] == [RUN_LOCK]

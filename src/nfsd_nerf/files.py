@@ -117,6 +117,10 @@ def remove_temporaries(folder: Path | str) -> list[Path]:
     return removed
 
 
+RUN_LOCK = ".lock"
+"""A run folder's lock file: held (``flock``) by the process that trains in the folder, or empties it."""
+
+
 @contextmanager
 def exclusive_lock(path: Path | str, busy: str) -> Iterator[None]:
     """Hold an OS lock (``flock``) on the file ``path`` (created if needed) for the block.

@@ -15,6 +15,7 @@ import yaml
 
 from ..config import from_dict, to_dict
 from ..errors import UserError
+from ..files import RUN_LOCK, exclusive_lock
 from .plan import RunSpec
 
 RESUME_MAY_CHANGE = ("train.steps", "train.device", "guidance.offline")
@@ -105,8 +106,16 @@ def last_metrics(run_dir: Path) -> dict | None:
 
 def clear_run_folder(run_dir: Path) -> None:
     """Empty a run's folder before it trains from scratch (the batch owns these folders: an
-    earlier attempt's metrics would otherwise be appended to)."""
+    earlier attempt's metrics would otherwise be appended to), under the run's lock, so a
+    ``train --resume`` still running there is refused rather than deleted under its feet."""
     run_dir = Path(run_dir)
-    if run_dir.exists():
-        shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with exclusive_lock(run_dir / RUN_LOCK, f"another nfsd-nerf process is training in {run_dir}; "
+                        "the batch cannot restart that run until it ends"):
+        for entry in run_dir.iterdir():
+            if entry.name == RUN_LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()

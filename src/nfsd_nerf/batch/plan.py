@@ -253,13 +253,11 @@ def _resolved(cfg: Config, prompt: str, where: str) -> Config:
 
 
 def _check_builtin_prompts(cfg: Config) -> None:
-    """Every text a run would embed must be in the built-in prior's vocabulary (view variants,
-    the empty prompt and the negative prompt included)."""
+    """Every text a run would embed must be in the built-in prior's vocabulary (view variants, the
+    empty prompt and the negative prompt included); ``check_config`` has already refused a drawn
+    prompt that names no built-in object."""
     from ..guidance.shapes import parse_prompt
     from ..train.run import prompt_variants
 
     for text in prompt_variants(cfg):
         parse_prompt(text)
-    if parse_prompt(cfg.prompt).kind != "object":  # e.g. image-quality words only: no object to draw or evaluate
-        raise UserError(f"the built-in prior cannot draw {cfg.prompt!r}: it names no built-in object "
-                        "(name one shape and one colour, e.g. 'a red cube')")

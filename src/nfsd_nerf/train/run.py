@@ -28,7 +28,7 @@ import torch
 from ..checkpoint import FINAL, LATEST, Checkpoint, saved_step
 from ..config import BUILTIN_MODEL, Config, check_config
 from ..errors import UserError
-from ..files import atomic_copy, check_writable, exclusive_lock, new_run_dir, remove_temporaries
+from ..files import RUN_LOCK, atomic_copy, check_writable, exclusive_lock, new_run_dir, remove_temporaries
 from ..guidance.prompts import view_texts
 from ..runtime import describe_device, package_versions, resolve_device
 from .run_folder import MetricsLog, write_config, write_preview, write_summary
@@ -38,8 +38,6 @@ MAX_CONSECUTIVE_SKIPS = 20
 """Training stops (checkpoint kept) after this many steps in a row with a non-finite loss or gradient."""
 SLOW_CPU_SECONDS_PER_STEP = 0.5
 """Above this on the CPU with a real diffusion model, the user is told how long the run will take."""
-LOCK = ".lock"
-"""The run folder's lock file: held (``flock``) by the process training in the folder."""
 WRITTEN_FOLDERS = ("", "checkpoints", "previews")
 """The parts of a run folder only its training process writes (so only it may clear temporaries there);
 ``export/`` and ``video/`` are written by other commands, which run while a run trains."""
@@ -124,7 +122,7 @@ def _locked_run_folder(run_dir: Path, resume: Checkpoint | None):
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create the run folder {run_dir}: {exc.strerror or exc}") from None
-    with exclusive_lock(run_dir / LOCK, f"another nfsd-nerf process is training in {run_dir}; wait for it to "
+    with exclusive_lock(run_dir / RUN_LOCK, f"another nfsd-nerf process is training in {run_dir}; wait for it to "
                         "end (export and render-video can read the run meanwhile)"):
         for folder in WRITTEN_FOLDERS:
             remove_temporaries(run_dir / folder)

@@ -156,6 +156,6 @@ def strip_plot(title: str, groups: dict[str, list[tuple[str, float]]]) -> str:
             parts.append(f'<line x1="{cx - 18:.1f}" x2="{cx + 18:.1f}" y1="{py(mean):.1f}" y2="{py(mean):.1f}" '
                          f'class="plot-mean"><title>mean {mean:.4g}</title></line>')
     for k, s in enumerate(series):
-        parts.append(f'<text x="{LEFT + 150 * k}" y="{HEIGHT + 16}" class="plot-tick" fill="{colour[s]}">'
-                     f'\u25cf {escape(s[:28])}</text>')
+        parts.append(f'<text x="{LEFT + 150 * k}" y="{HEIGHT + 16}" class="plot-tick">'  # the dot in the series' colour
+                     f'<tspan fill="{colour[s]}">\u25cf</tspan> {escape(s[:28])}</text>')
     return "".join(parts) + "</svg>"

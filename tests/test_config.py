@@ -43,7 +43,10 @@ def test_builtin_preset_keeps_the_values_its_figures_were_measured_with():
     assert cfg.render.alpha_threshold == 0.0 and cfg.cameras.elevation_range == (-10.0, 45.0)
     assert cfg.cameras.position_perturb_distribution == "normal"
     assert (cfg.field.normal_method, cfg.field.heads) == ("finite_difference", "shared")
-    assert cfg.train.start_levels is None and cfg.render.ambient_only_steps == 1000000
+    assert cfg.train.start_levels is None and cfg.render.ambient_only_steps == 0
+    assert (cfg.render.light, cfg.render.ambient, cfg.render.lambertian_prob) == ("camera", 0.3, 1.0)
+    assert cfg.field.density_activation == "trunc_exp"
+    assert (cfg.loss.orientation_start, cfg.loss.orientation_end, cfg.loss.orientation_ramp_steps) == (10.0, 100.0, 1000)
     assert load_config(preset_path("cpu-tiny")).render.alpha_threshold == 0.0
 
 

@@ -77,7 +77,7 @@ def test_moving_the_ood_image_along_dD_is_the_denoisers_estimate_when_dN_is_the_
 
 
 def test_the_default_ood_image_is_the_builtin_negative_look_then_desaturated():
-    from nfsd_nerf.guidance.builtin import NEGATIVE_CONTRAST, blur_matrix, degrade
+    from nfsd_nerf.guidance.builtin import NEGATIVE_BLUR_SIGMA, NEGATIVE_CONTRAST, blur_matrix, degrade
     from nfsd_nerf.guidance.decompose import degrade_to_ood
 
     # a constant colour stays constant under blur and contrast; desaturation by hand (luma 0.299)
@@ -87,7 +87,7 @@ def test_the_default_ood_image_is_the_builtin_negative_look_then_desaturated():
     assert torch.allclose(out[0, :, 3, 5], torch.tensor([0.299 + 0.5 * 0.701, 0.299 * 0.5, 0.299 * 0.5]), atol=1e-6)
     # on a square image, at saturation 1, it is exactly the built-in prior's degrade()
     image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    expected = degrade(image, blur_matrix(16, 1.5 * 16 / 32), NEGATIVE_CONTRAST, 1.0).clamp(0, 1)
+    expected = degrade(image, blur_matrix(16, NEGATIVE_BLUR_SIGMA * 16 / 32), NEGATIVE_CONTRAST, 1.0).clamp(0, 1)
     assert torch.allclose(degrade_to_ood(image, saturation=1.0), expected, atol=1e-6)
 
 

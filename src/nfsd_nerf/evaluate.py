@@ -5,6 +5,13 @@ orbit inside the training distribution that coincides with no reference camera),
 pixel for pixel: PSNR over the full frame, PSNR inside the union of the two silhouettes, and
 silhouette IoU. Never compare against the nearest *reference image*: its camera differs, so a
 perfect reconstruction scores ~17 dB on it while a scene filled with colour scores more.
+
+The truth is lit as the prior's references are (reference cache format 2): Lambertian, the
+camera-attached light (:func:`~nfsd_nerf.render.shading.camera_light_positions`), ambient
+:data:`~nfsd_nerf.render.shading.CAMERA_LIGHT_AMBIENT`; the NeRF is rendered with exactly that
+shading, so a field with the true albedo and the true normals scores as high as its antialiasing
+allows. (Before format 2 the truth was lit by world-fixed lights and the NeRF rendered in albedo:
+figures measured on that truth are not comparable.)
 """
 
 from __future__ import annotations
@@ -68,13 +75,14 @@ def evaluate_against_truth(
     """Render the NeRF and the prompt's true object from the 8 evaluation cameras at size x size.
 
     -> {"psnr", "psnr_masked", "silhouette_iou"}: means over the views (dB, dB, fraction).
-    The NeRF is rendered with albedo shading (the references' lighting is baked into their
-    colour), no stratification, no grad; ``occupancy``, ``n_samples`` and ``render_kwargs`` go
+    The NeRF is rendered with the truth's Lambertian shading and light (module docstring), no
+    stratification, no grad; ``occupancy``, ``n_samples`` and ``render_kwargs`` go
     to :func:`~nfsd_nerf.render.render_image`. Raises UserError for a prompt that names no
     built-in object.
     """
     from .guidance.shapes import parse_prompt, render_object
     from .render import render_image
+    from .render.shading import CAMERA_LIGHT_AMBIENT, camera_light_positions
 
     # 1. The true object
     parsed = parse_prompt(prompt)
@@ -90,7 +98,9 @@ def evaluate_against_truth(
     try:
         with torch.no_grad():
             out = render_image(field, background, cameras, size, size, occupancy=occupancy, n_samples=n_samples,
-                               shading="albedo", stratified=False, **render_kwargs)
+                               shading="lambertian", ambient=CAMERA_LIGHT_AMBIENT,
+                               light_positions=camera_light_positions(cameras.c2w[:, :3, 3]), stratified=False,
+                               **render_kwargs)
     finally:
         field.train(was_training)
 

@@ -97,6 +97,11 @@ class RenderConfig:
     """After warm-up: probability of textureless (white albedo, Lambertian) shading."""
     ambient: float = 0.1
     """Ambient light for Lambertian shading (diffuse gets 1 - ambient)."""
+    light: Literal["random", "camera"] = "random"
+    """The Lambertian point light: ``random`` (DreamFusion's, near the camera, random distance) or
+    ``camera`` (at a fixed place above and right of each camera,
+    :func:`~nfsd_nerf.render.shading.camera_light_positions`: how the built-in prior's references
+    are lit, so its preset trains with it)."""
 
 
 @dataclass

@@ -51,18 +51,24 @@ UNCONDITIONAL = -1
 NEGATIVE = -2
 """Embedding code of a negative (image-quality) prompt."""
 
-NEGATIVE_BLUR_SIGMA = 1.5
+NEGATIVE_BLUR_SIGMA = 0.75
 """Gaussian blur of the negative set, in pixels at 32x32 (scaled with the image size)."""
-NEGATIVE_CONTRAST = 0.75
-"""The negative set's contrast, as a fraction of the original around each image's mean."""
+NEGATIVE_CONTRAST = 1.0
+"""The negative set's contrast, as a fraction of the original around each image's mean (1: unchanged)."""
 NEGATIVE_BRIGHTNESS = 1.0
 """The negative set's brightness factor.
 
 NFSD pushes renders away from the negative set with a constant bias (x - degrade(x) is never
-zero), so every degradation here becomes a colour or sharpness bias of NFSD results. Measured
-(NFSD 7.5, 800 steps, seeds 1-3, final PSNR blue torus / red cube): blur 1.5 + contrast 0.5 +
-brightness 0.85: 18.1 / 20.9 dB (torus stuck saturated at 15.7 in 1 of 3); blur only: 18.6 /
-21.0 (1 of 3 stuck); blur + contrast 0.75: 18.9 / 21.3 (none stuck)."""
+zero), so every degradation here becomes a colour or sharpness bias of NFSD results. Measured on
+the references of cache format 1 (NFSD 7.5, 800 steps, seeds 1-3, final PSNR blue torus / red
+cube): blur 1.5 + contrast 0.5 + brightness 0.85: 18.1 / 20.9 dB (torus stuck saturated at 15.7
+in 1 of 3); blur only: 18.6 / 21.0 (1 of 3 stuck); blur + contrast 0.75: 18.9 / 21.3 (none stuck).
+With format 2 (Lambertian references, the built-in preset, issue #16) lower contrast pushed the
+cube's albedo to clipped saturation (mean texture colour (0.68, 0.00, 0.00) vs the true (0.85,
+0.12, 0.10), seed 0); blur 1.5 alone still (0.76, 0.02, 0.02); blur 0.75 alone (0.81, 0.13, 0.15);
+with the preset's other changes (0.80-0.83, 0.05-0.10, 0.05-0.08) over seeds 0-2 at t_max 0.5 and
+(0.82-0.86, 0.08-0.14, 0.06-0.13) at the preset's 0.35. Blur 0.5 or 0.6 kept the cube's colour but
+let the torus degrade (seed 0: IoU 0.886 / 0.914, colour 0.14 off)."""
 
 
 # --------------------------------------------------------------------------- schedule and denoiser

@@ -2,8 +2,14 @@
 
 Every object is an exact (or conservative) signed distance function in world units: +Z up,
 centred at the origin, sized so that it covers about a third of the frame for the training
-cameras (distance 1.5-2.0, fovy 40-70 deg). Its radiance is *view-independent*: albedo times a
-shading term from lights fixed in world space, so an albedo-only NeRF can represent it exactly.
+cameras (distance 1.5-2.0, fovy 40-70 deg). It is lit exactly as a NeRF's Lambertian shading
+lights a render (:func:`~nfsd_nerf.render.shading.lambert`) with the camera-attached point light
+(:func:`~nfsd_nerf.render.shading.camera_light_positions`, ambient
+:data:`~nfsd_nerf.render.shading.CAMERA_LIGHT_AMBIENT`): a NeRF trained with that shading
+(``render.light: camera``, the built-in preset) can reproduce every reference with its true albedo
+and true normals, so its albedo is the object's albedo and its normals are constrained. (Until
+reference cache format 2 the lights were fixed in world space and baked into an albedo-only NeRF's
+colour: clipped, blotchy albedo and unconstrained normals, issue #16.)
 
 A render is the product of a per-shape part (``shade`` and ``coverage``, colour-free) and a
 per-colour tint, so the references are rendered once per shape and tinted per colour:
@@ -29,19 +35,13 @@ from torch import Tensor
 
 from ..cameras import Cameras, generate_rays
 from ..errors import UserError
+from ..render.shading import CAMERA_LIGHT_AMBIENT, camera_light_positions, lambert
 
 # --------------------------------------------------------------------------- constants
 
 BACKGROUND_RGB: tuple[float, float, float] = (1.0, 1.0, 1.0)
 """The fixed background of every reference (a NeRF trained on the prior needs a solid, equal one)."""
 
-AMBIENT = 0.3
-"""Shading floor, so faces that no light reaches stay readable."""
-LIGHTS: tuple[tuple[tuple[float, float, float], float], ...] = (
-    ((0.5, 0.3, 1.0), 0.6),  # key light: above, front (+X), a little to +Y
-    ((-0.6, -0.8, 0.3), 0.25),  # fill light: behind, from -Y, so back faces differ too
-)
-"""Directional lights fixed in world space: (direction towards the light, strength)."""
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.85, 0.12, 0.10),
@@ -235,13 +235,10 @@ def normals_from_sdf(sdf: Callable[[Tensor], Tensor], p: Tensor, eps: float = 1e
     return torch.nn.functional.normalize(plus - minus, dim=-1)
 
 
-def shade_from_normals(normals: Tensor) -> Tensor:
-    """Normals [N, 3] -> shading [N] in [AMBIENT, 1] from the fixed world-space lights (Lambert)."""
-    shade = torch.full(normals.shape[:1], AMBIENT, dtype=normals.dtype, device=normals.device)
-    for direction, strength in LIGHTS:
-        light = torch.nn.functional.normalize(torch.tensor(direction, dtype=normals.dtype, device=normals.device), dim=0)
-        shade = shade + strength * (normals @ light).clamp(min=0)
-    return shade.clamp(max=1.0)
+def shade_from_normals(normals: Tensor, points: Tensor, light_positions: Tensor) -> Tensor:
+    """Normals, surface points and point-light positions [N, 3] -> shading [N] in
+    [CAMERA_LIGHT_AMBIENT, 1]: exactly the NeRF's Lambertian brightness (:func:`~nfsd_nerf.render.shading.lambert`)."""
+    return lambert(normals, points, light_positions, CAMERA_LIGHT_AMBIENT)
 
 
 def trace_sdf(
@@ -303,7 +300,8 @@ def shade_and_coverage(
 ) -> tuple[Tensor, Tensor]:
     """Colour-free render of ``shape`` from B cameras at size x size pixels.
 
-    Returns ``shade`` [B, H, W] (pixel mean of hit * shading over supersample^2 subpixels) and
+    Returns ``shade`` [B, H, W] (pixel mean of hit * shading over supersample^2 subpixels, each
+    camera's own camera-attached light, :func:`shade_from_normals`) and
     ``coverage`` [B, H, W] in [0, 1] (fraction of subpixels that hit), both float32.
     """
     with _single_cpu_thread(cameras.device.type == "cpu"):
@@ -318,9 +316,10 @@ def _shade_and_coverage(shape: Shape, cameras: Cameras, size: int, supersample: 
         rays_o, rays_d = generate_rays(cams, size * s, size * s)  # [b, Hs, Ws, 3]
         shape_hw = rays_o.shape[:3]
         hit, points = trace_sdf(shape, rays_o.reshape(-1, 3), rays_d.reshape(-1, 3))
+        lights = camera_light_positions(cams.c2w[:, :3, 3]).repeat_interleave(shape_hw[1] * shape_hw[2], dim=0)
         shade = torch.zeros(hit.shape, dtype=rays_o.dtype, device=hit.device)
         if hit.any():
-            shade[hit] = shade_from_normals(normals_from_sdf(shape.sdf, points[hit]))
+            shade[hit] = shade_from_normals(normals_from_sdf(shape.sdf, points[hit]), points[hit], lights[hit].to(points))
         pool = lambda x: torch.nn.functional.avg_pool2d(x.reshape(shape_hw)[:, None], s)[:, 0]  # noqa: E731
         shades.append(pool(shade).float())
         coverages.append(pool(hit.to(shade.dtype)).float())

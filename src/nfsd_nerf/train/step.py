@@ -22,6 +22,7 @@ from ..errors import UserError
 from ..guidance.prompts import view_dependent_prompts
 from ..profiling import stage
 from ..render import RenderOutput, Shading, render_rays, step_size_from_samples
+from ..render.shading import camera_light_positions
 from ..scene import Scene, build_scene
 from .losses import regularizer_terms
 from .schedules import active_levels, choose_shading, occupancy_refresh_due, orientation_weight, training_progress
@@ -85,7 +86,8 @@ def sample_views(step: int, cfg: Config, generator: torch.Generator, device: tor
     if p > 0 and float(torch.rand((), generator=generator)) < p:
         background_rgb = torch.rand(1, 3, generator=generator).to(device).expand(b * size * size, 3)
     rays_o, rays_d = generate_rays(cameras, size, size)
-    lights = cameras.light_positions[:, None, :].expand(b, size * size, 3).reshape(-1, 3)
+    light_positions = camera_light_positions(cameras.c2w[:, :3, 3]) if cfg.render.light == "camera" else cameras.light_positions
+    lights = light_positions[:, None, :].expand(b, size * size, 3).reshape(-1, 3)
     return TrainingViews(cameras, rays_o.reshape(-1, 3), rays_d.reshape(-1, 3), lights, shading, background_rgb)
 
 

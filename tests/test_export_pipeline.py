@@ -120,3 +120,19 @@ def test_real_field_export_run_writes_upright_coloured_files(box_run, fmt):
         want = albedo_from_points(torch.tensor(world[mesh.faces].mean(1), dtype=torch.float32)).numpy()
     err = np.abs(got - want)
     assert err.mean() < 0.04 and np.quantile(err, 0.95) < 0.1
+
+
+def test_export_locks_its_folder_and_clears_a_killed_exports_temporaries(box_run):
+    import fcntl
+
+    out = box_run / "export"
+    out.mkdir(exist_ok=True)
+    stale = out / ".mesh.glb.abcd1234.tmp"  # what a killed export leaves (files.TEMPORARY's pattern)
+    stale.write_bytes(b"half a mesh")
+    with open(out / ".lock", "a+") as held:  # another export writing there now
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(UserError, match="another nfsd-nerf process is writing a mesh"):
+            export_run(box_run, format="ply", resolution=32)
+        assert stale.exists()  # a live writer's temporary is left alone
+    export_run(box_run, format="ply", resolution=32)
+    assert not stale.exists() and (out / "mesh.ply").exists()

@@ -151,6 +151,21 @@ def exclusive_lock(path: Path | str, busy: str) -> Iterator[None]:
         yield
 
 
+@contextmanager
+def writing_folder(folder: Path | str, what: str) -> Iterator[Path]:
+    """Create ``folder`` and hold its lock for the block, after clearing the temporary files a killed
+    writer left there: ``export`` and ``render-video`` write a run's ``export/`` and ``video/`` while
+    it may still train, so they lock their own folder, not the run's. A second writer gets one line."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create {folder}: {exc.strerror or exc}") from None
+    with exclusive_lock(folder / RUN_LOCK, f"another nfsd-nerf process is writing {what} in {folder}"):
+        remove_temporaries(folder)
+        yield folder
+
+
 def check_writable(folder: Path | str) -> None:
     """Fail before any expensive work if ``folder`` cannot be created or written; creates nothing
     (the probe goes into the nearest folder that exists), so a later refusal leaves nothing behind."""

@@ -139,22 +139,24 @@ def export_run(
 
     The inputs are checked before the checkpoint is read."""
     from ..checkpoint import load_run
+    from ..files import writing_folder
 
     check_export_inputs(format, resolution, threshold, texture_size, max_faces)
     check_up(up)
     run = load_run(Path(run_dir), None if checkpoint is None else Path(checkpoint), device=device)
     builtin = run.config.guidance.model == "builtin"
-    return export_field(
-        run.field,
-        Path(run_dir) / "export",
-        format=format,
-        resolution=resolution,
-        threshold=threshold,
-        texture_size=texture_size,
-        max_faces=max_faces,
-        occupancy=run.occupancy,
-        keep_inner=keep_inner,
-        up=up,
-        log=log,
-        measure_prompt=run.config.prompt if builtin else None,
-    )
+    with writing_folder(Path(run_dir) / "export", "a mesh") as out_dir:
+        return export_field(
+            run.field,
+            out_dir,
+            format=format,
+            resolution=resolution,
+            threshold=threshold,
+            texture_size=texture_size,
+            max_faces=max_faces,
+            occupancy=run.occupancy,
+            keep_inner=keep_inner,
+            up=up,
+            log=log,
+            measure_prompt=run.config.prompt if builtin else None,
+        )

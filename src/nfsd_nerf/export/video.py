@@ -404,6 +404,7 @@ def render_run_video(
     ``RUN_DIR/video/turntable_<mode>.mp4``, without speck floaters (:func:`occupancy_without_specks`).
     ``announce(seconds)`` receives the projected render time before rendering starts (the CLI prints it)."""
     from ..checkpoint import load_run
+    from ..files import writing_folder
 
     check_video_inputs(frames, size, fps, elevation, modes, device=str(device), distance=distance, fovy=fovy)
     run = load_run(Path(run_dir), None if checkpoint is None else Path(checkpoint), device=device)
@@ -413,16 +414,17 @@ def render_run_video(
         announce(
             estimate_seconds(run.field, run.background, frames=frames, size=size, modes=modes, elevation=elevation, **kwargs)
         )
-    return render_turntable(
-        run.field,
-        run.background,
-        out_dir=Path(run_dir) / "video",
-        frames=frames,
-        size=size,
-        elevation=elevation,
-        modes=modes,
-        fps=fps,
-        gif=gif,
-        progress=progress,
-        **kwargs,
-    )
+    with writing_folder(Path(run_dir) / "video", "turntable videos") as out_dir:
+        return render_turntable(
+            run.field,
+            run.background,
+            out_dir=out_dir,
+            frames=frames,
+            size=size,
+            elevation=elevation,
+            modes=modes,
+            fps=fps,
+            gif=gif,
+            progress=progress,
+            **kwargs,
+        )

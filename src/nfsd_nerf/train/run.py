@@ -40,7 +40,8 @@ SLOW_CPU_SECONDS_PER_STEP = 0.5
 """Above this on the CPU with a real diffusion model, the user is told how long the run will take."""
 WRITTEN_FOLDERS = ("", "checkpoints", "previews")
 """The parts of a run folder only its training process writes (so only it may clear temporaries there);
-``export/`` and ``video/`` are written by other commands, which run while a run trains."""
+``export/`` and ``video/`` are written by other commands, which run while a run trains and lock and clear
+those folders themselves (:func:`~nfsd_nerf.files.writing_folder`)."""
 
 
 class TrainingDiverged(UserError):

@@ -278,8 +278,16 @@ def report(
 
         console = Console(soft_wrap=True)
         started = time.perf_counter()
-        missing = MakeMissing(size=size, frames=frames, resolution=resolution) if make_missing else None
-        page = build_report(folders, out=out, missing=missing, log=console.print)
+        if not make_missing:
+            page = build_report(folders, out=out, log=console.print)
+        else:  # rendering turntables takes minutes: a bar per run
+            with _rich_progress(console, "render") as bar:
+                def frames_bar(label: str):
+                    task = bar.add_task(label, total=None)
+                    return lambda done, total: bar.update(task, completed=done, total=total)
+
+                page = build_report(folders, out=out, log=console.print, progress=frames_bar,
+                                    missing=MakeMissing(size=size, frames=frames, resolution=resolution))
         console.print(f"wrote {page} in {time.perf_counter() - started:.1f} s (open it in a browser; no network needed)")
 
     run_command(body)

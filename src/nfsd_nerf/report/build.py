@@ -124,7 +124,12 @@ def swap_into_place(stage: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def make_missing(runs: list[RunData], settings: MakeMissing, log: Callable[[str], None]) -> None:
+FrameProgress = Callable[[str], Callable[[int, int], None]]
+"""Given a run's label, the ``(done, total)`` frame callback of its turntable rendering (a progress bar)."""
+
+
+def make_missing(runs: list[RunData], settings: MakeMissing, log: Callable[[str], None],
+                 progress: FrameProgress | None = None) -> None:
     """Export ``mesh.glb`` and render the turntables of runs that lack them, through the library calls
     of ``export`` and ``render-video``; a run with no checkpoint is only reported."""
     from ..export.pipeline import export_run
@@ -144,18 +149,19 @@ def make_missing(runs: list[RunData], settings: MakeMissing, log: Callable[[str]
             export_run(run.folder, format="glb", resolution=settings.resolution)
         if missing:
             log(f"{run.label}: rendering the {', '.join(missing)} turntable ({settings.frames} frames, {settings.size} px)")
-            render_run_video(run.folder, frames=settings.frames, size=settings.size, modes=tuple(missing))
+            render_run_video(run.folder, frames=settings.frames, size=settings.size, modes=tuple(missing),
+                             progress=None if progress is None else progress(run.label))
 
 
 def build_report(paths: list[Path], *, out: Path | None = None, missing: MakeMissing | None = None,
-                 log: Callable[[str], None] = lambda line: None) -> Path:
+                 log: Callable[[str], None] = lambda line: None, progress: FrameProgress | None = None) -> Path:
     """Write the report of one run, several runs or a batch; returns its ``index.html``.
-    ``missing``: make absent meshes and turntables first (``--make-missing``)."""
+    ``missing``: make absent meshes and turntables first (``--make-missing``, ``progress`` per run)."""
     data = read_inputs([Path(p) for p in paths])
     target = Path(out) if out is not None else default_target(data)
     check_target(target)
     if missing is not None:
-        make_missing(data.runs if isinstance(data, BatchData) else data, missing, log)
+        make_missing(data.runs if isinstance(data, BatchData) else data, missing, log, progress)
         data = read_inputs([Path(p) for p in paths])
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

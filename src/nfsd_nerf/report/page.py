@@ -149,7 +149,7 @@ def viewer_section(run: RunData, media: RunMedia) -> str:
                 f"makes it (or {command('nfsd-nerf', 'report', run.folder, '--make-missing')}).</p>")
     return (f'<model-viewer src="{media.mesh_data_url}" alt="{escape(run.prompt)}: the exported mesh" '
             'camera-controls auto-rotate shadow-intensity="0.6" exposure="1.1" interaction-prompt="none" '
-            'data-status="viewer-status"></model-viewer>'
+            'data-status="viewer-status"><div slot="progress-bar"></div></model-viewer>'  # no bar left over the model
             f'<div class="viewer-status"><span id="viewer-status">loading the mesh...</span> '
             f'(<a href="{escape(media.mesh_href or "")}" download>mesh.glb</a>)</div>')
 

@@ -129,10 +129,11 @@ def test_export_locks_its_folder_and_clears_a_killed_exports_temporaries(box_run
     out.mkdir(exist_ok=True)
     stale = out / ".mesh.glb.abcd1234.tmp"  # what a killed export leaves (files.TEMPORARY's pattern)
     stale.write_bytes(b"half a mesh")
-    with open(out / ".lock", "a+") as held:  # another export writing there now
+    with open(box_run / ".export.lock", "a+") as held:  # another export writing there now
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         with pytest.raises(UserError, match="another nfsd-nerf process is writing a mesh"):
             export_run(box_run, format="ply", resolution=32)
         assert stale.exists()  # a live writer's temporary is left alone
     export_run(box_run, format="ply", resolution=32)
     assert not stale.exists() and (out / "mesh.ply").exists()
+    assert not any(p.name.endswith(".lock") for p in out.iterdir())  # the folder holds only what was written

@@ -155,13 +155,15 @@ def exclusive_lock(path: Path | str, busy: str) -> Iterator[None]:
 def writing_folder(folder: Path | str, what: str) -> Iterator[Path]:
     """Create ``folder`` and hold its lock for the block, after clearing the temporary files a killed
     writer left there: ``export`` and ``render-video`` write a run's ``export/`` and ``video/`` while
-    it may still train, so they lock their own folder, not the run's. A second writer gets one line."""
+    it may still train, so they lock their own folder, not the run's. A second writer gets one line.
+    The lock file sits beside the folder (``.<name>.lock``), so the folder holds only what was written."""
     folder = Path(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise UserError(f"cannot create {folder}: {exc.strerror or exc}") from None
-    with exclusive_lock(folder / RUN_LOCK, f"another nfsd-nerf process is writing {what} in {folder}"):
+    lock = folder.parent / f".{folder.name}.lock"
+    with exclusive_lock(lock, f"another nfsd-nerf process is writing {what} in {folder}"):
         remove_temporaries(folder)
         yield folder
 

@@ -127,10 +127,15 @@ def partial_notice(run: RunData) -> str:
             f"continues with {command('nfsd-nerf', 'train', '--resume', run.folder)}.</p>")
 
 
+def missing_line(what: str, it: str, run: RunData, *make: object) -> str:
+    """'No <what> yet: <the command that makes it> makes <it> (or report --make-missing).'"""
+    return (f'<p class="missing">No {what} yet: {command("nfsd-nerf", *make)} makes {it} '
+            f"(or {command('nfsd-nerf', 'report', run.folder, '--make-missing')}).</p>")
+
+
 def videos_section(run: RunData, media: RunMedia) -> str:
     if not media.videos:
-        return (f'<p class="missing">No turntable videos yet: {command("nfsd-nerf", "render-video", run.folder)} '
-                f"makes them (or {command('nfsd-nerf', 'report', run.folder, '--make-missing')}).</p>")
+        return missing_line("turntable videos", "them", run, "render-video", run.folder)
     figures = "".join(
         f'<figure><video src="{escape(href)}" autoplay muted loop playsinline preload="auto"></video>'
         f"<figcaption>{escape(mode)}</figcaption></figure>"
@@ -145,8 +150,7 @@ def videos_section(run: RunData, media: RunMedia) -> str:
 
 def viewer_section(run: RunData, media: RunMedia) -> str:
     if not media.mesh_data_url:
-        return (f'<p class="missing">No exported mesh yet: {command("nfsd-nerf", "export", run.folder, "--format", "glb")} '
-                f"makes it (or {command('nfsd-nerf', 'report', run.folder, '--make-missing')}).</p>")
+        return missing_line("exported mesh", "it", run, "export", run.folder, "--format", "glb")
     return (f'<model-viewer src="{media.mesh_data_url}" alt="{escape(run.prompt)}: the exported mesh" '
             'camera-controls auto-rotate shadow-intensity="0.6" exposure="1.1" interaction-prompt="none" '
             'data-status="viewer-status"><div slot="progress-bar"></div></model-viewer>'  # no bar left over the model

@@ -86,7 +86,8 @@ def sample_views(step: int, cfg: Config, generator: torch.Generator, device: tor
     if p > 0 and float(torch.rand((), generator=generator)) < p:
         background_rgb = torch.rand(1, 3, generator=generator).to(device).expand(b * size * size, 3)
     rays_o, rays_d = generate_rays(cameras, size, size)
-    light_positions = camera_light_positions(cameras.c2w[:, :3, 3]) if cfg.render.light == "camera" else cameras.light_positions
+    camera_light = cfg.render.light == "camera"  # the built-in prior's references are lit so
+    light_positions = camera_light_positions(cameras.c2w[:, :3, 3]) if camera_light else cameras.light_positions
     lights = light_positions[:, None, :].expand(b, size * size, 3).reshape(-1, 3)
     return TrainingViews(cameras, rays_o.reshape(-1, 3), rays_d.reshape(-1, 3), lights, shading, background_rgb)
 

@@ -19,6 +19,7 @@ from nfsd_nerf.config import load_config, merge, preset_path
 from nfsd_nerf.guidance import load_prior
 from nfsd_nerf.guidance.distill import ScoreDistillation
 from nfsd_nerf.profiling import record_stages
+from nfsd_nerf.runtime import cpu_threads
 from nfsd_nerf.train import Trainer
 
 STAGES = ("cameras", "render", "march", "field", "shading", "encode", "noise_prediction", "rule", "rule_state",
@@ -34,7 +35,7 @@ def _p90(values: list[float]) -> float:
 def time_steps(cfg, prior, device: torch.device, *, warmup: int, steps: int, label: str) -> list[dict]:
     """Run ``warmup`` + ``steps`` training steps and return one row per stage plus totals."""
     distill = ScoreDistillation(prior, cfg.guidance, cfg.prompts, cfg.prompt)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, cpu_threads(cfg.train.cpu_threads):  # as `train` runs it
         trainer = Trainer(cfg, Path(tmp), device, prior, distill)
         for _ in range(warmup):
             trainer.train_step()

@@ -120,6 +120,7 @@ def test_merge_keeps_untouched_defaults():
         ("render.ambient=2", "render.ambient must be in [0, 1]"),
         ("loss.sparsity=-1", "loss.sparsity must be zero or positive"),
         ("train.start_levels=40", "train.start_levels"),
+        ("train.cpu_threads=0", "train.cpu_threads must be at least 1"),
         ("cameras.distance_range=[2, 1]", "cameras.distance_range"),
         ("cameras.elevation_range=[-10, 100]", "cameras.elevation_range must lie in [-90, 90]"),
         ("cameras.position_perturb=-0.1", "cameras.position_perturb must be zero or positive"),

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from nfsd_nerf.errors import UserError
-from nfsd_nerf.runtime import describe_device, module_device, package_versions, resolve_device
+from nfsd_nerf.runtime import cpu_threads, describe_device, module_device, package_versions, resolve_device
 
 
 def test_device_names():
@@ -26,3 +26,19 @@ def test_module_device_and_versions():
     versions = package_versions()
     assert versions["torch"] == torch.__version__.split("+")[0] or versions["torch"].startswith(torch.__version__[:4])
     assert "nfsd-nerf" in versions
+
+
+def test_cpu_threads_holds_for_the_block_only():
+    process_threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        with cpu_threads(1):
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with cpu_threads(None):
+            assert torch.get_num_threads() == 2
+        with pytest.raises(KeyboardInterrupt), cpu_threads(1):
+            raise KeyboardInterrupt
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(process_threads)

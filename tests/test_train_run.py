@@ -160,10 +160,18 @@ def test_builtin_training_recovers_the_true_object(tmp_path):
     start = evaluate_against_truth(blob.field, blob.background, "a red cube", size=cfg.render.size,
                                    occupancy=blob.occupancy, n_samples=cfg.render.n_samples)
     # The untrained blob scores about 11.6 dB and IoU 0.66 (all cells occupied, no refresh yet).
-    result = runner.invoke(app, ["train", "a red cube", "--model", "builtin", "--steps", "300", "--out", str(tmp_path),
-                                 "--set", "train.preview_every=0"])
+    process_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        result = runner.invoke(app, ["train", "a red cube", "--model", "builtin", "--steps", "300", "--out",
+                                     str(tmp_path), "--set", "train.preview_every=0"])
+        assert torch.get_num_threads() == 2  # the preset's one thread was for the run only
+    finally:
+        torch.set_num_threads(process_threads)
     assert result.exit_code == 0, result.output
-    final = json.loads((only_run(tmp_path) / "summary.json").read_text())["eval"]
+    summary = json.loads((only_run(tmp_path) / "summary.json").read_text())
+    assert summary["cpu_threads"] == 1
+    final = summary["eval"]
     assert final["silhouette_iou"] >= 0.8
     assert final["psnr"] >= start["psnr"] + 5.0, (start, final)
     assert "silhouette IoU" in result.output

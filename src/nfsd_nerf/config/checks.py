@@ -113,6 +113,8 @@ def check_config(cfg: Config) -> None:
 
     check_hyperparameters(f.n_levels, f.n_features_per_level, f.log2_hashmap_size, f.base_resolution,
                           f.per_level_scale, prefix="field.")
+    if t.cpu_threads is not None and t.cpu_threads < 1:
+        raise UserError(f"train.cpu_threads must be at least 1 (or unset: one per core), got {t.cpu_threads}")
     if t.start_levels is not None and not 1 <= t.start_levels <= f.n_levels:
         raise UserError(f"train.start_levels must be between 1 and field.n_levels ({f.n_levels}), got {t.start_levels}")
     _check_all("zero or positive", {

@@ -237,6 +237,9 @@ class TrainConfig:
     """Seed for every random draw (cameras, noise, timesteps)."""
     device: Literal["auto", "cuda", "mps", "cpu"] = "auto"
     """Where to train."""
+    cpu_threads: Optional[int] = None
+    """torch's intra-op CPU threads during the run (unset: torch's default, one per core). Small
+    renders run faster on one (the built-in preset); a run's last digits depend on it."""
     preview_every: int = 500
     """Write a preview image every N steps (0: only at the end)."""
     checkpoint_every: int = 1000

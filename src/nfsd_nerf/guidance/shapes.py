@@ -26,7 +26,6 @@ from __future__ import annotations
 import math
 import re
 import string
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -36,6 +35,7 @@ from torch import Tensor
 from ..cameras import Cameras, generate_rays
 from ..errors import UserError
 from ..render.shading import CAMERA_LIGHT_AMBIENT, camera_light_positions, lambert
+from ..runtime import cpu_threads
 
 # --------------------------------------------------------------------------- constants
 
@@ -278,23 +278,6 @@ def trace_sdf(
     return hit, points
 
 
-@contextmanager
-def _single_cpu_thread(enabled: bool):
-    """Run torch's CPU ops on one thread inside the block (restored after).
-
-    Sphere tracing is hundreds of small ops; on a 2-core machine busy with anything else,
-    OpenMP's fork-join made it 20-50x slower (0.5 s vs 12-25 s for 60 views x 7 shapes at 16x16),
-    while one thread costs at most ~1.7x on an idle machine (6.0 s vs 3.5 s for 500 views x 7 at 32x32).
-    """
-    previous = torch.get_num_threads()
-    if enabled:
-        torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
 def shade_and_coverage(
     shape: Shape, cameras: Cameras, size: int, *, supersample: int = 2, chunk_views: int = 512
 ) -> tuple[Tensor, Tensor]:
@@ -304,7 +287,10 @@ def shade_and_coverage(
     camera's own camera-attached light, :func:`shade_from_normals`) and
     ``coverage`` [B, H, W] in [0, 1] (fraction of subpixels that hit), both float32.
     """
-    with _single_cpu_thread(cameras.device.type == "cpu"):
+    # Sphere tracing is hundreds of small ops: on a 2-core machine busy with anything else OpenMP's
+    # fork-join made it 20-50x slower (0.5 s vs 12-25 s for 60 views x 7 shapes at 16x16), while one
+    # thread costs at most ~1.7x on an idle machine (6.0 s vs 3.5 s for 500 views x 7 at 32x32).
+    with cpu_threads(1 if cameras.device.type == "cpu" else None):
         return _shade_and_coverage(shape, cameras, size, supersample, chunk_views)
 
 

@@ -30,7 +30,7 @@ from ..config import BUILTIN_MODEL, Config, check_config
 from ..errors import UserError
 from ..files import RUN_LOCK, atomic_copy, check_writable, exclusive_lock, new_run_dir, remove_temporaries
 from ..guidance.prompts import view_texts
-from ..runtime import describe_device, package_versions, resolve_device
+from ..runtime import cpu_threads, describe_device, package_versions, resolve_device
 from .run_folder import MetricsLog, write_config, write_preview, write_summary
 from .step import StepResult, Trainer
 
@@ -98,6 +98,7 @@ def run_training(
         console.print("[yellow]note:[/] no GPU in use: training on the CPU")
 
     with ExitStack() as hold:
+        hold.enter_context(cpu_threads(cfg.train.cpu_threads))
         if run_dir is not None:  # a known folder (resumed, or a batch's) is locked before the prior loads
             run_dir = Path(run_dir)
             hold.enter_context(_locked_run_folder(run_dir, resume))
@@ -327,6 +328,7 @@ def _finish(trainer: Trainer, step_times: list[float], *, wall_start: float) -> 
         "wall_time_s": round(time.perf_counter() - wall_start, 2),
         "seconds_per_step": round(_seconds_per_step(step_times, run_dir), 4),
         "device": describe_device(device),
+        "cpu_threads": torch.get_num_threads(),
         "hash_grid_backend": trainer.scene.field.encoding.backend,
         "ray_marcher": "nerfacc" if device.type == "cuda" and nerfacc_kernels_available() else "pytorch",
         "model": {"id": trainer.prior.model_id, "revision": trainer.prior.revision,
